@@ -1,0 +1,37 @@
+"""seapig-core: selective prediction from classifier logits.
+
+Turn logits into uncertainty scores (higher = more uncertain), fit a temperature and a
+rejection threshold on labelled calibration data, and select the samples to predict on.
+The library never imports Prefect; the pipeline lives in the repository's ``tasks/`` and
+``flows/``.
+"""
+
+from seapig_core._version import __version__
+from seapig_core.persistence import load_score
+from seapig_core.scores import (
+    SCORES,
+    CertaintyRatioScore,
+    EnergyScore,
+    EntropyScore,
+    LogitScore,
+    MarginScore,
+    MaxLogitScore,
+    SoftmaxScore,
+    make_score,
+)
+from seapig_core.temperature import TemperatureFitError
+
+__all__ = [
+    "SCORES",
+    "CertaintyRatioScore",
+    "EnergyScore",
+    "EntropyScore",
+    "LogitScore",
+    "MarginScore",
+    "MaxLogitScore",
+    "SoftmaxScore",
+    "TemperatureFitError",
+    "__version__",
+    "load_score",
+    "make_score",
+]
