@@ -13,7 +13,9 @@ File layout (``schema_version`` 1):
 
 - Schema metadata key ``seapig_core`` holds JSON: ``format`` (``"seapig_core.score"``),
   ``schema_version``, ``library_version``, ``class``, ``name``, ``settings`` (temperature, task,
-  per_member), ``state`` (threshold, quantile, n_units, temperature_fit, logits_shape, ...).
+  per_member), ``state`` (threshold, quantile, n_units, temperature_fit, risk_threshold,
+  logits_shape, ...). ``risk_threshold`` (optional; absent in older files) is the
+  :class:`seapig_core.risk.RiskThreshold` of ``set_risk_threshold`` as a JSON object.
 
 Writes are atomic. Reading memory-maps the file, checks format and schema version, and never
 executes anything from it.
@@ -95,6 +97,7 @@ def save_score(score: LogitScore, path: str | Path, *, include_logits: bool = Tr
             "quantile": score.quantile,
             "n_units": score.n_units,
             "temperature_fit": None if fit is None else fit.to_dict(),
+            "risk_threshold": None if getattr(score, "risk_threshold", None) is None else score.risk_threshold.to_dict(),
             "logits_shape": None if score.logits is None or "logits" not in columns else list(score.logits.shape),
         },
     }
@@ -164,6 +167,10 @@ def load_score(path: str | Path) -> LogitScore:
     score.quantile = state["quantile"]
     if state.get("temperature_fit") is not None:
         score.temperature_fit = TemperatureFit(**state["temperature_fit"])
+    if state.get("risk_threshold") is not None:
+        from seapig_core.risk import RiskThreshold
+
+        score.risk_threshold = RiskThreshold(**state["risk_threshold"])
     names = set(table.column_names)
     if "score" in names:
         score.scores = torch.from_numpy(_column(table, "score").copy())

@@ -28,7 +28,7 @@ import math
 import numbers
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ from matplotlib.figure import Figure
 from seapig_core.kernels import KERNELS, ScoreKernel, compute_scores, predict, runner_up
 from seapig_core.layout import CanonicalLogits, canonicalize, check_labels, check_task
 from seapig_core.temperature import TemperatureFit, fit_temperature
+
+if TYPE_CHECKING:
+    from seapig_core.risk import RiskThreshold
 
 __all__ = [
     "SCORES",
@@ -107,6 +110,40 @@ class LogitScore:
     n_units : int or None
         Logits per sample (classes, labels, or 1 for single-logit binary) seen by :meth:`fit`;
         query logits must match it.
+    risk_threshold : RiskThreshold or None
+        Set by :meth:`set_risk_threshold`: the threshold with its bound on the selective risk,
+        the coverage reached and the settings (see :class:`seapig_core.risk.RiskThreshold`).
+
+    Notes
+    -----
+    **Split protocol.** Fitting the temperature and choosing the threshold on the same labelled
+    samples biases both. Split the labelled data with :func:`seapig_core.risk.split_calibration`,
+    fit the temperature on one part, and set the threshold on the other: both
+    :meth:`set_threshold` and :meth:`set_risk_threshold` take logits ``X`` (and labels ``Y``),
+    scored at the fitted temperature, instead of the calibration set.
+
+    Examples
+    --------
+    Temperature on one half, a threshold with at most 10% selective risk (with probability at
+    least 95%) on the other:
+
+    >>> import torch
+    >>> from seapig_core.risk import split_calibration
+    >>> from seapig_core.scores import SoftmaxScore
+    >>> g = torch.Generator().manual_seed(0)
+    >>> labels = torch.randint(0, 10, (4000,), generator=g)
+    >>> logits = 2.0 * torch.randn(4000, 10, generator=g)
+    >>> logits[torch.arange(4000), labels] += 4.0
+    >>> temperature_part, threshold_part = split_calibration(len(labels), fraction=0.5, seed=0)
+    >>> score = SoftmaxScore().fit(logits[temperature_part], labels[temperature_part])
+    >>> score = score.set_risk_threshold(
+    ...     0.1, delta=0.05, X=logits[threshold_part], Y=labels[threshold_part]
+    ... )
+    >>> score.risk_threshold.risk_bound <= 0.1 < score.risk_threshold.coverage
+    True
+    >>> selected = score.select(logits)["selected"]  # score < score.threshold
+
+    Or a coverage quantile of the threshold part: ``score.set_threshold(0.9, X=logits[threshold_part])``.
     """
 
     #: Registry name of the score, e.g. ``"softmax"``.
@@ -125,6 +162,7 @@ class LogitScore:
         self.threshold: float | None = None
         self.quantile: float | None = None
         self.n_units: int | None = None
+        self.risk_threshold: RiskThreshold | None = None
 
     # ------------------------------------------------------------------ settings and state
 
@@ -245,6 +283,7 @@ class LogitScore:
         self.scores = self._scores(canon)
         # A new calibration set invalidates a threshold taken from the old one.
         self.threshold = self.quantile = None
+        self.risk_threshold = None
         return self
 
     # ------------------------------------------------------------------ scoring
@@ -312,7 +351,7 @@ class LogitScore:
 
     # ------------------------------------------------------------------ thresholds
 
-    def set_threshold(self, q: float = 0.99) -> LogitScore:
+    def set_threshold(self, q: float = 0.99, X: Any = None) -> LogitScore:
         """Set the threshold at the ``q``-quantile of the calibration scores (NaN-aware).
 
         About a fraction ``q`` of calibration samples then score below the threshold and
@@ -322,6 +361,10 @@ class LogitScore:
         ----------
         q : float, default 0.99
             Quantile in the open interval (0, 1).
+        X : torch.Tensor or numpy.ndarray, optional
+            Finite logits to take the quantile of instead of the calibration scores, scored at
+            the current temperature: the split protocol (see the class docstring), e.g. the
+            temperature fitted on one labelled split and the threshold set on another.
 
         Returns
         -------
@@ -330,16 +373,98 @@ class LogitScore:
         Raises
         ------
         ValueError
-            If ``q`` is not in (0, 1) or is NaN, or no calibration scores are available.
+            If ``q`` is not in (0, 1) or is NaN, no calibration scores are available (and no
+            ``X``), or ``X`` is invalid.
         """
         q = _check_quantile(q)
-        if self.scores is None:
+        if X is not None:
+            canon = canonicalize(X, self.task, self.per_member, name="X", n_units=self.n_units, require_finite=True)
+            scores = self._scores(canon).detach().to("cpu", dtype=torch.float64).numpy()
+        elif self.scores is None:
             raise ValueError("set_threshold() needs calibration scores: call fit() first.")
-        scores = self.scores.detach().to("cpu", dtype=torch.float64).numpy()
+        else:
+            scores = self.scores.detach().to("cpu", dtype=torch.float64).numpy()
         if not np.isfinite(scores).any():
             raise ValueError("set_threshold() needs at least one finite calibration score. Got none.")
         self.threshold = float(np.nanquantile(scores, q))
         self.quantile = q
+        self.risk_threshold = None
+        return self
+
+    def set_risk_threshold(
+        self,
+        target_risk: float,
+        delta: float = 0.05,
+        X: Any = None,
+        Y: Any = None,
+        *,
+        method: str = "sgr",
+    ) -> LogitScore:
+        """Set the threshold with the largest coverage whose selective risk is guaranteed.
+
+        Chooses, on labelled logits, the threshold whose selective risk (the error rate of the
+        selected samples, on new data from the same distribution) is at most ``target_risk``
+        with probability at least ``1 - delta``, and the largest coverage among those
+        (Selection with Guaranteed Risk, Geifman and El-Yaniv 2017; see
+        :func:`seapig_core.risk.guaranteed_risk_threshold`). The loss is the 0-1 loss of
+        :meth:`predict` (:func:`seapig_core.metrics.prediction_errors`; multilabel: a sample is
+        wrong when any label is).
+
+        Parameters
+        ----------
+        target_risk : float
+            In (0, 1).
+        delta : float, default 0.05
+            In (0, 1).
+        X, Y : torch.Tensor or numpy.ndarray, optional
+            Labelled finite logits, scored at the current temperature: the split protocol (see
+            the class docstring). Both or neither; by default the calibration logits and labels
+            of :meth:`fit`, which then also fitted the temperature (biased; prefer a split).
+        method : {"sgr"}, default "sgr"
+
+        Returns
+        -------
+        self
+            With :attr:`threshold` and :attr:`risk_threshold` set, :attr:`quantile` None.
+
+        Raises
+        ------
+        ValueError
+            For ``target_risk``/``delta`` outside (0, 1); ``X`` without ``Y`` or the reverse; no
+            labelled calibration data; invalid logits or labels; and, with the word
+            "infeasible", when no threshold meets the target.
+        """
+        from seapig_core.metrics import prediction_errors
+        from seapig_core.risk import _check_open_unit, guaranteed_risk_threshold
+
+        target_risk = _check_open_unit(target_risk, "target_risk")
+        delta = _check_open_unit(delta, "delta")
+        if (X is None) != (Y is None):
+            given, missing = ("X", "Y") if Y is None else ("Y", "X")
+            raise ValueError(
+                f"set_risk_threshold() needs both logits 'X' and labels 'Y', or neither. "
+                f"Got '{given}' without '{missing}' instead."
+            )
+        if X is None:
+            if self.logits is None:
+                raise ValueError(
+                    "set_risk_threshold() needs labelled logits: call fit(X, Y) first (with include_logits "
+                    "when loading a saved score), or pass X and Y."
+                )
+            if self.labels is None:
+                raise ValueError(
+                    "set_risk_threshold() needs labels: the calibration set was fitted without 'Y'. "
+                    "Call fit(X, Y) or pass X and Y."
+                )
+            X, Y = self.logits, self.labels
+        canon = canonicalize(X, self.task, self.per_member, name="X", n_units=self.n_units, require_finite=True)
+        labels = check_labels(Y, canon, name="Y")
+        scores = self._scores(canon)
+        errors = prediction_errors(X, labels, task=self.task, temperature=self.T, per_member=self.per_member)
+        result = guaranteed_risk_threshold(scores, errors, target_risk, delta, method=method)
+        self.threshold = result.threshold
+        self.quantile = None
+        self.risk_threshold = result
         return self
 
     def get_threshold(self) -> float | None:
