@@ -1,0 +1,607 @@
+"""Run a model over a DataLoader and collect its logits, labels and sample ids, in order.
+
+:func:`extract_logits` is the one place that does this; ``LogitScore.fit(model=, loader=)``
+and the pipeline's extraction task both call it.
+
+The model must be a ``torch.nn.Module`` with a callable ``logits(x)`` method returning a
+tensor whose first axis is the batch (e.g. ``(B, C)`` for multiclass). A module without one
+raises a ``TypeError``; wrap it::
+
+    class WithLogits(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def logits(self, x):
+            return self.net(x)
+
+Batches may be
+
+- a tensor: the input;
+- a tuple or list ``(x,)``, ``(x, y)`` or ``(x, y, ids)`` (what ``TensorDataset`` yields);
+- a mapping: the input under ``input_key`` (default: the one of ``image``, ``input``, ``x``,
+  ``inputs``, ``images`` present), labels under ``label_key`` (default ``label``, ``y``,
+  ``target``, ``labels``, ``targets``), ids under ``id_key`` (default ``id``, ``sample_id``,
+  ``ids``, ``sample_ids``). Integer keys index tuple/list batches instead of the positional
+  form: the input is then at ``input_key`` (default 0), labels and ids only where given.
+
+The input is passed to ``model.logits`` as is: a tensor, or a dict/list/tuple of tensors
+(moved to the model's device). Sample ids default to the running index ``0..N-1``; batch ids
+may be integers or strings.
+
+Extraction runs under ``torch.inference_mode()`` with the model in eval mode, and restores
+every submodule's training flag afterwards, also on error. Each batch's logits come back to
+the CPU as float32 before the next batch runs, so nothing accumulates on the accelerator.
+
+With ``outdir``, results go to the fingerprinted logits store (:mod:`seapig_core.store`,
+which documents the fingerprint and how to force a refresh): batches stream to disk, so memory
+stays bounded, and the returned logits are memory-mapped from the store.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from seapig_core import store
+from seapig_core._io import check_file_stem, ensure_writable_dir
+from seapig_core._version import __version__
+
+__all__ = ["DEFAULT_ID_KEYS", "DEFAULT_INPUT_KEYS", "DEFAULT_LABEL_KEYS", "Extraction", "extract_logits"]
+
+DEFAULT_INPUT_KEYS: tuple[str, ...] = ("image", "input", "x", "inputs", "images")
+DEFAULT_LABEL_KEYS: tuple[str, ...] = ("label", "y", "target", "labels", "targets")
+DEFAULT_ID_KEYS: tuple[str, ...] = ("id", "sample_id", "ids", "sample_ids")
+
+ProgressCallback = Callable[[int, "int | None"], Any]
+
+
+@dataclass(frozen=True, eq=False)
+class Extraction:
+    """What :func:`extract_logits` returns.
+
+    Attributes
+    ----------
+    logits : torch.Tensor
+        CPU float32, ``(N, *trailing)`` in the model's output shape. Memory-mapped
+        (copy-on-write) from the store when ``outdir`` was given.
+    labels : torch.Tensor or None
+        ``(N, ...)`` labels from the batches, or None when the batches carry none.
+    sample_ids : numpy.ndarray
+        ``(N,)``: int64 running index by default, else the batches' ids (int64, or an object
+        array of str).
+    from_cache : bool
+        Whether the result was served from the store without running the model.
+    path : pathlib.Path or None
+        The store's data file, or None without ``outdir``.
+    fingerprint : str or None
+        The store entry's fingerprint key, or None without ``outdir``.
+    """
+
+    logits: torch.Tensor
+    labels: torch.Tensor | None
+    sample_ids: np.ndarray
+    from_cache: bool = False
+    path: Path | None = None
+    fingerprint: str | None = None
+
+    @property
+    def n_samples(self) -> int:
+        """N, the number of samples."""
+        return int(self.logits.shape[0])
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _check_model(model: Any) -> Callable[[Any], Any]:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            "The 'model' parameter must be a torch.nn.Module with a callable logits(x) method. "
+            f"Got {type(model).__name__} instead."
+        )
+    logits = getattr(model, "logits", None)
+    if not callable(logits):
+        got = "no 'logits' attribute" if logits is None else f"a non-callable 'logits' ({type(logits).__name__})"
+        raise TypeError(
+            "The 'model' parameter must have a callable logits(x) method returning the logits "
+            f"(wrap the network in a module whose logits(x) calls it). Got {type(model).__name__} "
+            f"with {got} instead."
+        )
+    return logits
+
+
+def _check_key(value: Any, name: str) -> str | int | None:
+    if value is None or (isinstance(value, (str, int)) and not isinstance(value, bool)):
+        return value
+    raise TypeError(f"The '{name}' parameter must be a str, an int or None. Got {type(value).__name__} instead.")
+
+
+def _check_loader(loader: Any, needs_second_pass: bool) -> None:
+    if isinstance(loader, (torch.Tensor, np.ndarray, str, bytes, Mapping)) or not isinstance(loader, Iterable):
+        raise TypeError(
+            "The 'loader' parameter must be an iterable of batches such as a torch DataLoader. "
+            f"Got {type(loader).__name__} instead."
+        )
+    if needs_second_pass and iter(loader) is loader:
+        raise TypeError(
+            "The 'loader' parameter must be re-iterable (e.g. a DataLoader) when caching without "
+            "'data_fingerprint': the store reads it once to fingerprint the data. Got a one-shot "
+            f"{type(loader).__name__} instead; pass data_fingerprint=... or a DataLoader."
+        )
+
+
+def _total_rows(loader: Any) -> int | None:
+    """Rows the loader will yield, when a DataLoader says so; only a progress-bar hint."""
+    if not isinstance(loader, torch.utils.data.DataLoader) or loader.batch_size is None:
+        return None
+    try:
+        rows = len(loader.sampler)
+    except (TypeError, NotImplementedError):
+        return None
+    return rows - rows % loader.batch_size if loader.drop_last else rows
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+@dataclass(frozen=True)
+class _Keys:
+    input: str | int | None
+    label: str | int | None
+    id: str | int | None
+
+
+def _pick(batch: Mapping[Any, Any], key: Any, defaults: Sequence[str], what: str, name: str, index: int) -> Any:
+    if key is not None:
+        if key not in batch:
+            raise ValueError(
+                f"The '{name}' parameter names {key!r}, which batch {index} lacks. "
+                f"Got a batch with keys {sorted(map(str, batch))} instead."
+            )
+        return batch[key]
+    found = [k for k in defaults if k in batch]
+    if len(found) > 1:
+        raise ValueError(
+            f"Batch {index} has several candidate {what} keys {found}; pass '{name}' to choose one."
+        )
+    if found:
+        return batch[found[0]]
+    if what == "input":
+        raise ValueError(
+            f"Batch {index} has no input under the default keys {list(defaults)}. Pass 'input_key'. "
+            f"Got a batch with keys {sorted(map(str, batch))} instead."
+        )
+    return None
+
+
+def _split_batch(batch: Any, keys: _Keys, index: int) -> tuple[Any, Any, Any]:
+    """(input, labels or None, ids or None) of one batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None, None
+    if isinstance(batch, Mapping):
+        return (
+            _pick(batch, keys.input, DEFAULT_INPUT_KEYS, "input", "input_key", index),
+            _pick(batch, keys.label, DEFAULT_LABEL_KEYS, "label", "label_key", index),
+            _pick(batch, keys.id, DEFAULT_ID_KEYS, "id", "id_key", index),
+        )
+    if isinstance(batch, (tuple, list)):
+        if any(isinstance(k, str) for k in (keys.input, keys.label, keys.id)):
+            raise ValueError(
+                f"Batch {index} is a {type(batch).__name__}; 'input_key', 'label_key' and 'id_key' "
+                "must be int positions (or None) for such batches. Got a str key instead."
+            )
+        if (keys.input, keys.label, keys.id) != (None, None, None):
+            return (
+                _position(batch, 0 if keys.input is None else keys.input, "input_key", index),
+                _position(batch, keys.label, "label_key", index),
+                _position(batch, keys.id, "id_key", index),
+            )
+        if not 1 <= len(batch) <= 3:
+            raise ValueError(
+                f"A {type(batch).__name__} batch must be (x,), (x, y) or (x, y, ids), or pass "
+                f"'input_key'. Got {len(batch)} items in batch {index} instead."
+            )
+        return (*batch, *([None] * (3 - len(batch))))  # type: ignore[return-value]
+    raise TypeError(
+        "The 'loader' parameter must yield tensors, (x, y[, ids]) tuples/lists or dicts. "
+        f"Got a {type(batch).__name__} in batch {index} instead."
+    )
+
+
+def _position(batch: Sequence[Any], key: int | None, name: str, index: int) -> Any:
+    if key is None:
+        return None
+    if not -len(batch) <= key < len(batch):
+        raise ValueError(
+            f"The '{name}' parameter is position {key}, outside batch {index}'s {len(batch)} items. "
+            f"Got a {type(batch).__name__} of {len(batch)} items instead."
+        )
+    return batch[key]
+
+
+def _first_tensor(x: Any) -> torch.Tensor | None:
+    if isinstance(x, torch.Tensor):
+        return x
+    items = x.values() if isinstance(x, Mapping) else x if isinstance(x, (tuple, list)) else ()
+    for item in items:
+        found = _first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _rows(x: Any, index: int) -> int:
+    tensor = _first_tensor(x)
+    if tensor is None or tensor.ndim == 0:
+        got = "a 0-d tensor" if tensor is not None else type(x).__name__
+        raise TypeError(
+            "The model input of every batch must be a tensor with a batch axis, or a dict/list/tuple "
+            f"of such tensors. Got {got} in batch {index} instead."
+        )
+    return int(tensor.shape[0])
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=x.is_pinned()) if x.device != device else x
+    if isinstance(x, Mapping):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple
+        return type(x)(*(_to_device(v, device) for v in x))
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_device(v, device) for v in x)
+    return x
+
+
+def _labels(y: Any, n: int, index: int) -> torch.Tensor | None:
+    if y is None:
+        return None
+    if not isinstance(y, torch.Tensor):
+        try:
+            y = torch.as_tensor(np.asarray(y))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(
+                f"Labels must be a tensor or an array of numbers. Got {type(y).__name__} in batch {index} instead."
+            ) from exc
+    if y.ndim == 0 or y.shape[0] != n:
+        raise ValueError(
+            f"The labels of each batch must have one row per input. Got {tuple(y.shape)} labels for "
+            f"{n} inputs in batch {index} of 'loader' instead."
+        )
+    y = y.detach().to("cpu")
+    if y.dtype == torch.bfloat16:  # NumPy and Arrow have no bfloat16
+        y = y.to(torch.float32)
+    return y
+
+
+def _ids(ids: Any, n: int, start: int, index: int) -> np.ndarray:
+    if ids is None:
+        return np.arange(start, start + n, dtype=np.int64)
+    if isinstance(ids, torch.Tensor):
+        array = ids.detach().to("cpu").numpy()
+    else:
+        array = np.asarray(ids, dtype=object if isinstance(ids, (list, tuple)) else None)
+        if array.dtype == object and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in array):
+            array = array.astype(np.int64)
+    if array.ndim != 1 or array.shape[0] != n:
+        raise ValueError(
+            f"The ids of each batch must be one per input. Got ids of shape {array.shape} for {n} inputs "
+            f"in batch {index} of 'loader' instead."
+        )
+    if array.dtype.kind in "iu":
+        return array.astype(np.int64, copy=False)
+    if array.dtype.kind == "U" or (array.dtype == object and all(isinstance(v, str) for v in array)):
+        return array.astype(object)
+    raise TypeError(f"Sample ids must be integers or strings. Got dtype {array.dtype} in batch {index} instead.")
+
+
+def _logits(out: Any, n: int, trailing: tuple[int, ...] | None, index: int) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"The 'model' parameter's logits(x) must return a torch.Tensor. Got {type(out).__name__} "
+            f"in batch {index} instead."
+        )
+    if out.ndim == 0 or out.shape[0] != n:
+        raise ValueError(
+            f"The 'model' parameter's logits(x) must return one row per input. Got shape {tuple(out.shape)} "
+            f"for {n} inputs in batch {index} instead."
+        )
+    if trailing is not None and tuple(out.shape[1:]) != trailing:
+        raise ValueError(
+            f"The 'model' parameter's logits(x) must keep its trailing shape across batches. Got "
+            f"{tuple(out.shape[1:])} in batch {index} instead of {trailing}."
+        )
+    if out.dtype == torch.bool or out.is_complex():
+        raise TypeError(f"The 'model' parameter's logits(x) must return real numbers. Got dtype {out.dtype} instead.")
+    return out.detach().to("cpu", torch.float32)
+
+
+# ---------------------------------------------------------------------------- sinks
+
+
+class _Growing:
+    """A tensor that grows by rows; one copy per batch, no final concatenation."""
+
+    def __init__(self, capacity: int | None) -> None:
+        self._capacity = capacity
+        self._data: torch.Tensor | None = None
+        self._rows = 0
+
+    def append(self, block: torch.Tensor) -> None:
+        n = int(block.shape[0])
+        if self._data is None:
+            rows = max(self._capacity or 0, n, 1)
+            # Allocated outside inference mode: the result must be an ordinary tensor that
+            # autograd and in-place updates accept later.
+            with torch.inference_mode(False):
+                self._data = torch.empty((rows, *block.shape[1:]), dtype=block.dtype)
+        elif self._rows + n > self._data.shape[0]:
+            self._data.resize_((max(2 * self._data.shape[0], self._rows + n), *self._data.shape[1:]))
+        self._data[self._rows : self._rows + n] = block
+        self._rows += n
+
+    def result(self) -> torch.Tensor:
+        assert self._data is not None  # internal: at least one batch was appended
+        if self._rows == self._data.shape[0]:
+            return self._data
+        return self._data[: self._rows].clone()  # drop the over-allocation
+
+
+class _MemorySink:
+    def __init__(self, capacity: int | None) -> None:
+        self._logits = _Growing(capacity)
+        self._labels = _Growing(capacity)
+        self._ids: list[np.ndarray] = []
+        self._has_labels = False
+
+    def append(self, logits: torch.Tensor, labels: torch.Tensor | None, ids: np.ndarray) -> None:
+        self._logits.append(logits)
+        if labels is not None:
+            self._labels.append(labels)
+            self._has_labels = True
+        self._ids.append(ids)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
+        labels = self._labels.result() if self._has_labels else None
+        return self._logits.result(), labels, np.concatenate(self._ids)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _progress_bar(enabled: bool, total: int | None, desc: str) -> Any:
+    return tqdm(
+        total=total, desc=desc, unit="sample", unit_scale=True, disable=not enabled, file=sys.stderr, leave=False
+    )
+
+
+def _run(
+    model: torch.nn.Module,
+    logits_fn: Callable[[Any], Any],
+    loader: Iterable[Any],
+    keys: _Keys,
+    sink: Any,
+    hasher: store.DataFingerprint | None,
+    progress: bool,
+    callback: ProgressCallback | None,
+) -> int:
+    """Extract every batch into ``sink``; returns the number of rows."""
+    device = _model_device(model)
+    total = _total_rows(loader)
+    flags = [(module, module.training) for module in model.modules()]
+    done = 0
+    batches = 0
+    trailing: tuple[int, ...] | None = None
+    has_labels: bool | None = None
+    has_ids: bool | None = None
+    model.eval()
+    try:
+        with torch.inference_mode(), _progress_bar(progress, total, "extracting logits") as bar:
+            for index, batch in enumerate(loader):
+                x, y, ids = _split_batch(batch, keys, index)
+                n = _rows(x, index)
+                if has_labels is None:
+                    has_labels, has_ids = y is not None, ids is not None
+                elif (y is not None, ids is not None) != (has_labels, has_ids):
+                    raise ValueError(
+                        "Every batch of 'loader' must carry labels and ids as the first batch does "
+                        f"(labels: {has_labels}, ids: {has_ids}). Got labels: {y is not None}, ids: "
+                        f"{ids is not None} in batch {index} instead."
+                    )
+                labels = _labels(y, n, index)
+                sample_ids = _ids(ids, n, done, index)
+                if hasher is not None:
+                    hasher.update(x, labels, sample_ids if ids is not None else None)
+                out = _logits(logits_fn(_to_device(x, device)), n, trailing, index)
+                trailing = tuple(out.shape[1:])
+                sink.append(out, labels, sample_ids)
+                done += n
+                batches += 1
+                bar.update(n)
+                if callback is not None:
+                    callback(done, total)
+    finally:
+        model.train(flags[0][1])
+        for module, flag in flags:
+            module.training = flag
+    if batches == 0:
+        raise ValueError("The 'loader' parameter must yield at least one batch. Got an empty loader instead.")
+    if done == 0:
+        raise ValueError(f"The 'loader' parameter must yield at least one sample. Got {batches} empty batches instead.")
+    return done
+
+
+def _hash_loader(loader: Iterable[Any], keys: _Keys, progress: bool) -> str:
+    """The content fingerprint of ``loader`` (a pass without the model)."""
+    hasher = store.DataFingerprint()
+    done = 0
+    with torch.inference_mode(), _progress_bar(progress, _total_rows(loader), "fingerprinting data") as bar:
+        for index, batch in enumerate(loader):
+            x, y, ids = _split_batch(batch, keys, index)
+            n = _rows(x, index)
+            labels = _labels(y, n, index)
+            sample_ids = None if ids is None else _ids(ids, n, done, index)
+            hasher.update(x, labels, sample_ids)
+            done += n
+            bar.update(n)
+    return hasher.hexdigest()
+
+
+# ---------------------------------------------------------------------------- public
+
+
+def extract_logits(
+    model: torch.nn.Module,
+    loader: Iterable[Any],
+    *,
+    outdir: str | os.PathLike[str] | None = None,
+    prefix: str | None = None,
+    input_key: str | int | None = None,
+    label_key: str | int | None = None,
+    id_key: str | int | None = None,
+    progress: bool | None = None,
+    progress_callback: ProgressCallback | None = None,
+    refresh: bool = False,
+    data_fingerprint: str | None = None,
+) -> Extraction:
+    """Run ``model.logits`` over ``loader``; return logits, labels and sample ids in order.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Has a callable ``logits(x)`` returning a tensor with the batch on its first axis.
+    loader : iterable of batches
+        Usually a ``torch.utils.data.DataLoader``; batch forms in the module docstring. Must be
+        deterministic for caching to hit (see :mod:`seapig_core.store`).
+    outdir : str or os.PathLike, optional
+        Directory of the logits store. Without it, nothing is written or read.
+    prefix : str, optional
+        File-name stem of the store entry (``{prefix}.logits.arrow``); no path separators or
+        ``..``. Default entry name ``logits``. Requires ``outdir``.
+    input_key, label_key, id_key : str or int, optional
+        Where batches keep the input, labels and ids (dict keys, or positions in tuples).
+    progress : bool, optional
+        Show a tqdm progress bar on stderr. Default: only when stderr is a terminal.
+    progress_callback : callable, optional
+        Called as ``progress_callback(done_rows, total_rows_or_None)`` after each batch the
+        model runs on (not while fingerprinting the data for a cache lookup).
+    refresh : bool, default False
+        Recompute and overwrite the store entry even if it matches. Requires ``outdir``.
+    data_fingerprint : str, optional
+        A name for the data (e.g. a data set version or file hash) used in the store's
+        fingerprint instead of hashing what the loader yields; the loader is then not read on a
+        cache hit. Requires ``outdir``.
+
+    Returns
+    -------
+    Extraction
+
+    Raises
+    ------
+    TypeError
+        A model that is not a module or has no callable ``logits``; a loader that is not an
+        iterable of batches (or, caching without ``data_fingerprint``, not re-iterable); an
+        unsupported batch, label or id type; a model returning something other than a tensor.
+    ValueError
+        An empty loader; labels or ids whose length differs from the inputs'; logits whose row
+        count differs from the inputs' or whose trailing shape changes between batches; an
+        ``outdir`` that cannot be written; a ``prefix`` with a path separator or ``..``;
+        ``prefix``/``refresh``/``data_fingerprint`` without ``outdir``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> class Net(torch.nn.Linear):
+    ...     def logits(self, x):
+    ...         return self(x)
+    >>> loader = DataLoader(TensorDataset(torch.randn(10, 4), torch.arange(10) % 3), batch_size=4)
+    >>> out = extract_logits(Net(4, 3), loader, progress=False)
+    >>> tuple(out.logits.shape), out.labels[:4].tolist(), out.sample_ids[:3].tolist()
+    ((10, 3), [0, 1, 2, 0], [0, 1, 2])
+    """
+    logits_fn = _check_model(model)
+    keys = _Keys(_check_key(input_key, "input_key"), _check_key(label_key, "label_key"), _check_key(id_key, "id_key"))
+    if progress is None:
+        progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    elif not isinstance(progress, bool):
+        raise TypeError(f"The 'progress' parameter must be a bool or None. Got {type(progress).__name__} instead.")
+    if progress_callback is not None and not callable(progress_callback):
+        raise TypeError(
+            f"The 'progress_callback' parameter must be callable. Got {type(progress_callback).__name__} instead."
+        )
+    if not isinstance(refresh, bool):
+        raise TypeError(f"The 'refresh' parameter must be a bool. Got {type(refresh).__name__} instead.")
+    if data_fingerprint is not None and (not isinstance(data_fingerprint, str) or not data_fingerprint):
+        raise TypeError(
+            f"The 'data_fingerprint' parameter must be a non-empty str. Got {data_fingerprint!r} instead."
+        )
+
+    if outdir is None:
+        options = (("prefix", prefix), ("refresh", refresh), ("data_fingerprint", data_fingerprint))
+        given = [name for name, value in options if value]
+        if given:
+            raise ValueError(
+                f"The {', '.join(repr(g) for g in given)} parameter(s) only apply with 'outdir' (the logits "
+                "store). Got them without 'outdir' instead."
+            )
+        _check_loader(loader, needs_second_pass=False)
+        sink = _MemorySink(_total_rows(loader))
+        _run(model, logits_fn, loader, keys, sink, None, progress, progress_callback)
+        logits, labels, sample_ids = sink.result()
+        return Extraction(logits, labels, sample_ids)
+
+    if prefix is not None:
+        check_file_stem(prefix, "prefix")
+    directory = ensure_writable_dir(outdir, "outdir")
+    _check_loader(loader, needs_second_pass=data_fingerprint is None)
+    data_path, _ = store.entry_paths(directory, prefix)
+    components: dict[str, Any] = {
+        "model": store.model_fingerprint(model),
+        "settings": {"input_key": keys.input, "label_key": keys.label, "id_key": keys.id, "dtype": "float32"},
+        "library_version": __version__,
+        "schema_version": store.SCHEMA_VERSION,
+        "data": None if data_fingerprint is None else {"kind": "given", "value": data_fingerprint},
+    }
+
+    if not refresh:
+        manifest = store.read_manifest(directory, prefix)
+        recorded = None if manifest is None else manifest["fingerprint"]
+        # Fingerprint the data (a pass over the loader) only when the rest already matches.
+        if recorded is not None and all(recorded.get(k) == v for k, v in components.items() if k != "data"):
+            if components["data"] is None:
+                components["data"] = {"kind": "content", "value": _hash_loader(loader, keys, progress)}
+            key = store.fingerprint_key(components)
+            stored = store.load_entry(directory, prefix, key, manifest)
+            if stored is not None:
+                return Extraction(stored.logits, stored.labels, stored.sample_ids, True, data_path, key)
+
+    # Key the entry by the data the model actually saw: even after a lookup pass, hash again,
+    # since a loader need not yield the same data twice (e.g. a seeded shuffle that advances).
+    hasher = store.DataFingerprint() if data_fingerprint is None else None
+    placeholder = {"kind": "content", "value": "0" * 64}
+    hint = {**components, "data": placeholder if hasher is not None else components["data"]}
+    with store.LogitsWriter(data_path, fingerprint_hint=hint) as writer:
+        _run(model, logits_fn, loader, keys, writer, hasher, progress, progress_callback)
+        if hasher is not None:
+            components["data"] = {"kind": "content", "value": hasher.hexdigest()}
+        key = store.fingerprint_key(components)
+        stored = writer.commit({**components, "key": key})
+    return Extraction(stored.logits, stored.labels, stored.sample_ids, False, data_path, key)
