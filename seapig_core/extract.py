@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,7 +131,9 @@ def _check_loader(loader: Any, needs_second_pass: bool) -> None:
             "The 'loader' parameter must be an iterable of batches such as a torch DataLoader. "
             f"Got {type(loader).__name__} instead."
         )
-    if needs_second_pass and iter(loader) is loader:
+    # An Iterator (generator, map, ...) is one-shot; checking never starts an iteration, which
+    # for a DataLoader with workers would spawn processes.
+    if needs_second_pass and isinstance(loader, Iterator):
         raise TypeError(
             "The 'loader' parameter must be re-iterable (e.g. a DataLoader) when caching without "
             "'data_fingerprint': the store reads it once to fingerprint the data. Got a one-shot "

@@ -269,7 +269,7 @@ class DataFingerprint:
                 self._add(value.tolist())
             else:
                 self._tag(f"array|{value.dtype.str}|{value.shape}")
-                self._digest.update(memoryview(np.ascontiguousarray(value)).cast("B"))
+                self._digest.update(_raw_bytes(value))
         elif isinstance(value, Mapping):
             self._tag(f"map|{len(value)}")
             for key, item in value.items():
@@ -479,6 +479,11 @@ def _tail(template: _Template, meta_len: int, body_len: int) -> bytes:
     return bytes(tail)
 
 
+def _raw_bytes(array: np.ndarray) -> np.ndarray:
+    """``array``'s bytes as a flat uint8 view (no copy when contiguous; empty arrays too)."""
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+
 def _round_up(value: int, multiple: int = _ALIGN) -> int:
     return -(-value // multiple) * multiple
 
@@ -584,7 +589,7 @@ class LogitsWriter:
                 f"Got {(tuple(logits.shape[1:]), label, id_kind)} instead."
             )
         values = logits.detach().to("cpu", torch.float32).contiguous()
-        self._file.write(memoryview(values.reshape(-1).numpy()).cast("B"))
+        self._file.write(_raw_bytes(values.numpy()))
         if id_kind == "string":
             encoded = [str(item).encode("utf-8", "surrogatepass") for item in sample_ids]
             ends = self._string_bytes + np.cumsum([len(item) for item in encoded], dtype=np.int64)
@@ -618,7 +623,7 @@ class LogitsWriter:
         self._file.seek(self._header_size)
 
     def _spill(self, name: str, array: np.ndarray) -> None:
-        self._spills[name].write(memoryview(np.ascontiguousarray(array)).cast("B"))
+        self._spills[name].write(_raw_bytes(array))
 
     # -- finishing
 
