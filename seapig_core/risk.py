@@ -198,7 +198,7 @@ def guaranteed_risk_threshold(
         raise ValueError(f"The 'method' parameter must be one of {list(METHODS)}. Got {method!r} instead.")
     e_fin = e[selectable]
     if not np.all((e_fin == 0.0) | (e_fin == 1.0)):
-        bad = e_fin[(e_fin != 0.0) & (e_fin != 1.0)][0]
+        bad = float(e_fin[(e_fin != 0.0) & (e_fin != 1.0)][0])
         raise ValueError(
             f"The 'errors' parameter must hold 0/1 losses for the binomial bound. Got the value {bad!r} instead."
         )
