@@ -231,7 +231,10 @@ def plot_reliability_diagram(
     ax.set_title(title or f"Reliability diagram ({task}, n = {n:,}{' label decisions' if pooled else ''})")
     ax.grid(True, linestyle=":", alpha=0.6)
     ax.set_axisbelow(True)
-    ax.legend(loc="upper left", fontsize="small")
+    handles, names = ax.get_legend_handles_labels()
+    rank = {"accuracy, T = " + f"{float(temperature):.3g}": 0, "gap": 1, "accuracy": 2, "perfect": 3}
+    order = sorted(range(len(names)), key=lambda i: min(v for k, v in rank.items() if names[i].startswith(k)))
+    ax.legend([handles[i] for i in order], [names[i] for i in order], loc="upper left", fontsize="small")
     xlabel = "confidence" + (" (per label)" if task == "multilabel" else "")
     if hist_ax is None:
         ax.set_xlabel(xlabel)
