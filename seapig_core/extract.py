@@ -142,14 +142,20 @@ def _check_loader(loader: Any, needs_second_pass: bool) -> None:
 
 
 def _total_rows(loader: Any) -> int | None:
-    """Rows the loader will yield, when a DataLoader says so; only a progress-bar hint."""
-    if not isinstance(loader, torch.utils.data.DataLoader) or loader.batch_size is None:
+    """Rows the loader will yield, when a DataLoader says so: sizes the result, shows progress."""
+    if not isinstance(loader, torch.utils.data.DataLoader):
+        return None
+    sampler, batch_size, drop_last = loader.sampler, loader.batch_size, loader.drop_last
+    if batch_size is None and isinstance(sampler, torch.utils.data.BatchSampler):
+        # Batch-indexed data sets: DataLoader(ds, sampler=BatchSampler(...), batch_size=None).
+        sampler, batch_size, drop_last = sampler.sampler, sampler.batch_size, sampler.drop_last
+    if batch_size is None:
         return None
     try:
-        rows = len(loader.sampler)
+        rows = len(sampler)
     except (TypeError, NotImplementedError):
         return None
-    return rows - rows % loader.batch_size if loader.drop_last else rows
+    return rows - rows % batch_size if drop_last else rows
 
 
 # ---------------------------------------------------------------------------- batches
@@ -330,38 +336,47 @@ def _logits(out: Any, n: int, trailing: tuple[int, ...] | None, index: int) -> t
 # ---------------------------------------------------------------------------- sinks
 
 
-class _Growing:
-    """A tensor that grows by rows; one copy per batch, no final concatenation."""
+class _Rows:
+    """Row blocks gathered into one tensor.
+
+    With a known row count, blocks are copied into one preallocated tensor (one copy, peak
+    memory 1x, like a loop that concatenates once). Otherwise each block is copied as it comes
+    and the copies are concatenated at the end. The copy matters: a model or loader may reuse
+    one output buffer for every batch, and keeping its blocks as they are would let later
+    batches overwrite earlier rows.
+    """
 
     def __init__(self, capacity: int | None) -> None:
         self._capacity = capacity
-        self._data: torch.Tensor | None = None
-        self._rows = 0
+        self._buffer: torch.Tensor | None = None
+        self._filled = 0
+        self._chunks: list[torch.Tensor] = []
 
     def append(self, block: torch.Tensor) -> None:
         n = int(block.shape[0])
-        if self._data is None:
-            rows = max(self._capacity or 0, n, 1)
-            # Allocated outside inference mode: the result must be an ordinary tensor that
-            # autograd and in-place updates accept later.
-            with torch.inference_mode(False):
-                self._data = torch.empty((rows, *block.shape[1:]), dtype=block.dtype)
-        elif self._rows + n > self._data.shape[0]:
-            self._data.resize_((max(2 * self._data.shape[0], self._rows + n), *self._data.shape[1:]))
-        self._data[self._rows : self._rows + n] = block
-        self._rows += n
+        if self._capacity is not None and not self._chunks and self._filled + n <= self._capacity:
+            if self._buffer is None:
+                # Allocated outside inference mode: the result must be an ordinary tensor that
+                # autograd and in-place updates accept later.
+                with torch.inference_mode(False):
+                    self._buffer = torch.empty((self._capacity, *block.shape[1:]), dtype=block.dtype)
+            self._buffer[self._filled : self._filled + n] = block
+            self._filled += n
+        else:
+            self._chunks.append(block.clone())
 
     def result(self) -> torch.Tensor:
-        assert self._data is not None  # internal: at least one batch was appended
-        if self._rows == self._data.shape[0]:
-            return self._data
-        return self._data[: self._rows].clone()  # drop the over-allocation
+        if self._buffer is not None and not self._chunks and self._filled == self._capacity:
+            return self._buffer
+        parts = ([self._buffer[: self._filled]] if self._buffer is not None else []) + self._chunks
+        # Outside inference mode, concatenating inference tensors gives an ordinary tensor.
+        return torch.cat(parts)
 
 
 class _MemorySink:
     def __init__(self, capacity: int | None) -> None:
-        self._logits = _Growing(capacity)
-        self._labels = _Growing(capacity)
+        self._logits = _Rows(capacity)
+        self._labels = _Rows(capacity)
         self._ids: list[np.ndarray] = []
         self._has_labels = False
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler, TensorDataset
 
 from seapig_core.extract import Extraction, extract_logits
 from tests.core.extract_models import CountingLoader, DropoutNet, LinearNet, tensor_data, tensor_loader
@@ -238,6 +238,24 @@ def test_model_without_parameters_runs_on_cpu():
     assert torch.equal(out.logits, torch.full((3, 2), 2.0))
 
 
+@pytest.mark.parametrize("sized", [True, False], ids=["preallocated", "chunks"])
+def test_models_that_reuse_their_output_buffer_keep_every_row(sized):
+    class Reusing(LinearNet):
+        def __init__(self):
+            super().__init__()
+            self.out = torch.empty(8, 4)
+
+        def logits(self, x):
+            self.out[: len(x)] = super().logits(x)
+            return self.out[: len(x)]  # the same memory every batch, as static-shape runtimes do
+
+    x, y = tensor_data(20)
+    model = Reusing()
+    loader = DataLoader(TensorDataset(x, y), batch_size=8) if sized else [x[i : i + 8] for i in range(0, 20, 8)]
+    out = extract_logits(model, loader, progress=False)
+    torch.testing.assert_close(out.logits, direct(LinearNet(), x), rtol=0, atol=1e-6)
+
+
 def test_results_are_ordinary_tensors_that_autograd_accepts():
     out = extract_logits(LinearNet(), tensor_loader(20), progress=False)
     assert not out.logits.is_inference() and not out.labels.is_inference()
@@ -267,6 +285,15 @@ def test_progress_callback_reports_rows_done_and_total():
     calls = []
     extract_logits(LinearNet(), tensor_loader(20, batch_size=8), progress=False, progress_callback=lambda *a: calls.append(a))
     assert calls == [(8, 20), (16, 20), (20, 20)]
+    calls.clear()
+    extract_logits(LinearNet(), tensor_loader(20, batch_size=8, drop_last=True), progress=False,
+                   progress_callback=lambda *a: calls.append(a))
+    assert calls == [(8, 16), (16, 16)]
+    calls.clear()
+    dataset = TensorDataset(*tensor_data(20))  # batch-indexed: one __getitem__ per batch
+    batched = DataLoader(dataset, sampler=BatchSampler(SequentialSampler(dataset), 8, False), batch_size=None)
+    out = extract_logits(LinearNet(), batched, progress=False, progress_callback=lambda *a: calls.append(a))
+    assert calls == [(8, 20), (16, 20), (20, 20)] and out.n_samples == 20
     calls.clear()
     extract_logits(LinearNet(), [torch.randn(3, 6)] * 2, progress=False, progress_callback=lambda *a: calls.append(a))
     assert calls == [(3, None), (6, None)]  # a plain iterable does not say its size

@@ -1,0 +1,408 @@
+"""Logit extraction and the logits store: cache speed-up, memory, overhead, throughput.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/bench_extract.py [--quick]
+
+Measures, on this machine, side by side in one run:
+
+(a) **Cache speed-up.** ``SoftmaxScore().fit(model=, loader=, outdir=, prefix=)`` twice on a
+    compute-bound MLP (256 -> 2048 -> 2048 -> 100): the first fit extracts, the second is
+    served from the store (it still fingerprints the model and reads the loader once to
+    fingerprint the data, and verifies the file's SHA-256). Fresh store per repetition.
+(b) **Memory.** Peak RSS growth while extracting 2,000,000 x 100 float32 logits (800 MB) from
+    a cheap model (one linear layer) into the store, in a fresh subprocess each: after a
+    two-batch warm-up of the same path, without one (cold), and held in memory (no
+    ``outdir``) for reference. Peak RSS is ``VmHWM``, reset just before the call
+    (``/proc/self/clear_refs``); the growth is the peak minus the RSS before the call.
+(c) **Overhead.** ``extract_logits`` (no store) against a bare ``torch.inference_mode()`` loop
+    that calls ``model.logits`` and collects logits and labels, over the same model and
+    loader; repetitions interleaved (order alternating), median of the per-pair ratios. Also
+    with the store (a miss: hashing the data and writing the file), for reference.
+(d) **Store throughput.** Writing 500,000 x 100 logits (200 MB) with labels and ids through
+    :class:`seapig_core.store.LogitsWriter` (streamed, fsync'd, SHA-256 for the manifest),
+    and reading them back (verified, and open-only), against pyarrow's own IPC writer and
+    Parquet (read into memory) for the same table. Reads come from the page cache.
+
+Writes ``benchmarks/results/extract.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from seapig_core import SoftmaxScore  # noqa: E402
+from seapig_core.extract import extract_logits  # noqa: E402
+from seapig_core.store import LogitsWriter, entry_paths, load_logits  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results" / "extract.md"
+MB = 1e6
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, sizes: tuple[int, ...], seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        layers: list[torch.nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+            layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+        self.net = torch.nn.Sequential(*layers[:-1])
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def batched_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> DataLoader:
+    """A DataLoader that indexes the tensors once per batch (no per-sample collation)."""
+    dataset = TensorDataset(x, y)
+    sampler = BatchSampler(SequentialSampler(dataset), batch_size, drop_last=False)
+    return DataLoader(dataset, sampler=sampler, batch_size=None)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{platform.node()}, {os.cpu_count()} CPUs (nproc), {cpu}, Python {platform.python_version()}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), pyarrow {pa.__version__}"
+    )
+
+
+# ---------------------------------------------------------------------------- (a)
+
+
+def bench_cache(n: int, repeats: int) -> list[dict]:
+    model = MLP((256, 2048, 2048, 100))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 256, generator=generator)
+    y = torch.randint(0, 100, (n,), generator=generator)
+    loader = DataLoader(TensorDataset(x, y), batch_size=256)
+    rows = []
+    for _ in range(repeats):
+        outdir = Path(tempfile.mkdtemp(prefix="bench-extract-"))
+        try:
+            start = time.perf_counter()
+            first = SoftmaxScore().fit(model=model, loader=loader, outdir=outdir, prefix="cal", progress=False)
+            t_first = time.perf_counter() - start
+            start = time.perf_counter()
+            second = SoftmaxScore().fit(model=model, loader=loader, outdir=outdir, prefix="cal", progress=False)
+            t_second = time.perf_counter() - start
+            assert torch.equal(first.scores, second.scores)
+            rows.append({"first": t_first, "second": t_second})
+        finally:
+            shutil.rmtree(outdir, ignore_errors=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------- (b)
+
+_RSS_CHILD = r"""
+import json, sys, tempfile, shutil
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import torch
+from seapig_core.extract import extract_logits
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+mode, n, width, batch = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+torch.manual_seed(0)
+model = torch.nn.Linear(8, width)
+model.logits = model.forward
+x = torch.randn(n, 8)
+batches = [(x[i:i + batch],) for i in range(0, n, batch)]
+outdir = tempfile.mkdtemp(prefix="bench-rss-") if mode != "memory" else None
+if mode != "store-cold":
+    # Warm up the same path on two batches: lazy imports, library code pages, allocator pools.
+    extract_logits(model, batches[:2], outdir=outdir, prefix="warm" if outdir else None, progress=False)
+before = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as handle:
+    handle.write("5")  # reset VmHWM to the current RSS
+import time
+start = time.perf_counter()
+out = extract_logits(model, batches, outdir=outdir, prefix="big" if outdir else None, progress=False)
+seconds = time.perf_counter() - start
+peak = status("VmHWM")
+assert out.logits.shape == (n, width)
+print(json.dumps({"before": before, "peak": peak, "seconds": seconds,
+                  "logits_bytes": out.logits.numel() * 4,
+                  "file_bytes": out.path.stat().st_size if out.path else 0}))
+if outdir:
+    shutil.rmtree(outdir)
+"""
+
+
+def bench_memory(n: int, width: int, batch: int) -> dict[str, dict]:
+    results = {}
+    for mode in ("store", "store-cold", "memory"):
+        output = subprocess.run(
+            [sys.executable, "-c", _RSS_CHILD, str(REPO), mode, str(n), str(width), str(batch)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        results[mode] = json.loads(output.strip().splitlines()[-1])
+    return results
+
+
+# ---------------------------------------------------------------------------- (c)
+
+
+def bare_loop(model: torch.nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    logits, labels = [], []
+    with torch.inference_mode():
+        for x, y in loader:
+            logits.append(model.logits(x).float().cpu())
+            labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def bench_overhead(n: int, repeats: int) -> dict[str, list[float]]:
+    model = MLP((256, 512, 100))
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 256, generator=generator)
+    y = torch.randint(0, 100, (n,), generator=generator)
+    loaders = {
+        "DataLoader(TensorDataset, batch_size=256)": DataLoader(TensorDataset(x, y), batch_size=256),
+        "batch-indexed DataLoader, 256 rows": batched_loader(x, y, 256),
+    }
+    ratios: dict[str, list[float]] = {}
+    for name, loader in loaders.items():
+        expected, _ = bare_loop(model, loader)  # warm up both paths
+        got = extract_logits(model, loader, progress=False)
+        assert torch.equal(expected, got.logits)
+        pairs: list[tuple[float, float]] = []
+        store_ratios: list[float] = []
+        for rep in range(repeats):
+            order = ("bare", "extract") if rep % 2 == 0 else ("extract", "bare")
+            times = {}
+            for which in order:
+                start = time.perf_counter()
+                if which == "bare":
+                    bare_loop(model, loader)
+                else:
+                    extract_logits(model, loader, progress=False)
+                times[which] = time.perf_counter() - start
+            pairs.append((times["bare"], times["extract"]))
+        ratios[name] = [e / b for b, e in pairs]
+        ratios[name + " times"] = [statistics.median(b for b, _ in pairs), statistics.median(e for _, e in pairs)]
+        if name.startswith("DataLoader"):
+            for rep in range(max(3, repeats // 3)):
+                outdir = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+                try:
+                    start = time.perf_counter()
+                    bare_loop(model, loader)
+                    bare = time.perf_counter() - start
+                    start = time.perf_counter()
+                    extract_logits(model, loader, outdir=outdir, prefix="q", progress=False)
+                    store_ratios.append((time.perf_counter() - start) / bare)
+                finally:
+                    shutil.rmtree(outdir, ignore_errors=True)
+            ratios["store"] = store_ratios
+    return ratios
+
+
+# ---------------------------------------------------------------------------- (d)
+
+
+def bench_throughput(n: int, width: int, block: int, repeats: int) -> dict[str, list[float]]:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(n, width)).astype(np.float32)
+    labels = rng.integers(0, width, n)
+    ids = np.arange(n, dtype=np.int64)
+    size = logits.nbytes
+    tensor_logits, tensor_labels = torch.from_numpy(logits), torch.from_numpy(labels)
+    table = pa.table(
+        {
+            "logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), width),
+            "sample_id": pa.array(ids),
+            "label": pa.array(labels),
+        }
+    )
+    out: dict[str, list[float]] = {k: [] for k in (
+        "store write", "store read (verified)", "store read (open only)", "store read + touch all",
+        "pyarrow IPC write", "pyarrow IPC read (mmap)", "Parquet write", "Parquet read",
+    )}
+    for _ in range(repeats):
+        outdir = Path(tempfile.mkdtemp(prefix="bench-store-"))
+        try:
+            path, _ = entry_paths(outdir, "t")
+            start = time.perf_counter()
+            with LogitsWriter(path) as writer:
+                for i in range(0, n, block):
+                    writer.append(tensor_logits[i : i + block], tensor_labels[i : i + block], ids[i : i + block])
+                writer.commit({"key": "bench"})
+            out["store write"].append(time.perf_counter() - start)
+
+            start = time.perf_counter()
+            stored = load_logits(path)
+            out["store read (verified)"].append(time.perf_counter() - start)
+            del stored
+            start = time.perf_counter()
+            stored = load_logits(path, verify=False)
+            out["store read (open only)"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            stored = load_logits(path, verify=False)
+            checksum = float(stored.logits.sum())  # touches every page
+            out["store read + touch all"].append(time.perf_counter() - start)
+            assert np.isclose(checksum, float(logits.sum(dtype=np.float64)), rtol=1e-3)
+            del stored
+
+            ipc = outdir / "plain.arrow"
+            start = time.perf_counter()
+            with pa.OSFile(str(ipc), "wb") as sink, pa.ipc.new_file(sink, table.schema) as ipc_writer:
+                ipc_writer.write_table(table)
+            out["pyarrow IPC write"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            with pa.memory_map(str(ipc), "r") as source:
+                pa.ipc.open_file(source).read_all()
+            out["pyarrow IPC read (mmap)"].append(time.perf_counter() - start)
+
+            parquet = outdir / "plain.parquet"
+            start = time.perf_counter()
+            pq.write_table(table, parquet)
+            out["Parquet write"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            pq.read_table(parquet)
+            out["Parquet read"].append(time.perf_counter() - start)
+        finally:
+            shutil.rmtree(outdir, ignore_errors=True)
+    out["_bytes"] = [float(size)]
+    return out
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test (not for the table)")
+    args = parser.parse_args()
+    quick = args.quick
+    started = time.perf_counter()
+    command = "python benchmarks/bench_extract.py" + (" --quick" if quick else "")
+
+    print("(a) cache speed-up", flush=True)
+    cache = bench_cache(n=2_000 if quick else 20_000, repeats=1 if quick else 3)
+    print("(b) memory", flush=True)
+    n_big = 200_000 if quick else 2_000_000
+    memory = bench_memory(n=n_big, width=100, batch=8192)
+    print("(c) overhead", flush=True)
+    overhead = bench_overhead(n=5_000 if quick else 50_000, repeats=3 if quick else 11)
+    print("(d) throughput", flush=True)
+    throughput = bench_throughput(n=50_000 if quick else 500_000, width=100, block=8192, repeats=1 if quick else 3)
+    elapsed = time.perf_counter() - started
+
+    lines = [
+        "## Logit extraction and the logits store",
+        "",
+        f"Command: `{command}` (from the repository root; {elapsed:.0f} s on {machine()}).",
+        "",
+        "Timings are wall-clock medians over repetitions measured in this one run; the machine is shared, "
+        "so single numbers carry a few percent of noise. See the script's docstring for what each row measures.",
+        "",
+        "| benchmark | measurement | result | goal |",
+        "|---|---|---|---|",
+    ]
+    firsts = [r["first"] for r in cache]
+    seconds_ = [r["second"] for r in cache]
+    speedups = [r["first"] / r["second"] for r in cache]
+    n_cache = 2_000 if quick else 20_000
+    lines.append(
+        f"| (a) cache | `fit(model=, loader=, outdir=, prefix=)` on a 256-2048-2048-100 MLP, {n_cache:,} samples: "
+        f"first fit (extracts) {statistics.median(firsts):.2f} s, second fit (served) {statistics.median(seconds_):.3f} s "
+        f"({len(cache)} fresh stores) | **{statistics.median(speedups):.0f}x** faster "
+        f"(min {min(speedups):.0f}x) | >= 10x |"
+    )
+    store, mem = memory["store"], memory["memory"]
+    logits_mb = store["logits_bytes"] / MB
+    lines.append(
+        f"| (b) memory | peak RSS growth extracting {n_big:,} x 100 logits ({logits_mb:.0f} MB) from a linear layer "
+        f"into the store ({store['seconds']:.1f} s; file {store['file_bytes'] / MB:.0f} MB) | "
+        f"**{(store['peak'] - store['before']) / MB:.0f} MB** "
+        f"({(store['peak'] - store['before']) / store['logits_bytes']:.1%} of the logits) | well below "
+        f"{logits_mb:.0f} MB |"
+    )
+    cold = memory["store-cold"]
+    lines.append(
+        f"| (b) memory, cold | the same, as the first extraction of a fresh process (no warm-up: includes paging in "
+        f"pyarrow's code and allocator pools once) | {(cold['peak'] - cold['before']) / MB:.0f} MB | - |"
+    )
+    lines.append(
+        f"| (b) memory, reference | the same extraction held in memory (no `outdir`; {mem['seconds']:.1f} s) | "
+        f"{(mem['peak'] - mem['before']) / MB:.0f} MB | - |"
+    )
+    n_over = 5_000 if quick else 50_000
+    for name, values in overhead.items():
+        if name.endswith(" times") or name == "store":
+            continue
+        bare, ext = overhead[name + " times"]
+        lines.append(
+            f"| (c) overhead | `extract_logits` / bare `inference_mode` loop, 256-512-100 MLP, {n_over:,} samples, "
+            f"{name} (medians {ext:.3f} s vs {bare:.3f} s, {len(values)} interleaved pairs) | "
+            f"**{statistics.median(values):.3f}** (pairs {min(values):.3f}-{max(values):.3f}) | <= 1.05 |"
+        )
+    lines.append(
+        f"| (c) overhead, with store | `extract_logits(outdir=...)` (a miss: hashes the data, streams to disk, "
+        f"fsync, SHA-256) / bare loop, DataLoader(TensorDataset) | {statistics.median(overhead['store']):.3f} | - |"
+    )
+    size = throughput.pop("_bytes")[0]
+    n_tp = 50_000 if quick else 500_000
+    for name, times in throughput.items():
+        t = statistics.median(times)
+        goal = "-"
+        lines.append(
+            f"| (d) throughput | {name}, {n_tp:,} x 100 float32 ({size / MB:.0f} MB of logits) + labels + ids "
+            f"| **{size / MB / t:,.0f} MB/s** ({t * 1000:.0f} ms) | {goal} |"
+        )
+    lines += [
+        "",
+        "Notes: the second fit in (a) still reads the loader once (to fingerprint the data), hashes the "
+        "model's weights and verifies the file's SHA-256; pass `data_fingerprint=` to skip the loader pass. "
+        "In (b) the returned logits are a copy-on-write memory map of the store file: pages count towards RSS "
+        "only once touched (and are then clean, reclaimable page cache). Store writes include `fsync` and "
+        "hashing the file for its manifest; `store read (verified)` hashes the whole file, `open only` "
+        "memory-maps it, `touch all` sums every logit. Parquet and pyarrow IPC rows write/read the same table "
+        "with pyarrow's own writers (Parquet reads decode into memory).",
+        "",
+    ]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    if not quick:
+        RESULTS.write_text("\n".join(lines))
+        print(f"wrote {RESULTS}")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
