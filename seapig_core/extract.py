@@ -40,6 +40,7 @@ stays bounded, and the returned logits are memory-mapped from the store.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -62,6 +63,8 @@ DEFAULT_LABEL_KEYS: tuple[str, ...] = ("label", "y", "target", "labels", "target
 DEFAULT_ID_KEYS: tuple[str, ...] = ("id", "sample_id", "ids", "sample_ids")
 
 ProgressCallback = Callable[[int, "int | None"], Any]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -312,6 +315,13 @@ def _ids(ids: Any, n: int, start: int, index: int) -> np.ndarray:
     raise TypeError(f"Sample ids must be integers or strings. Got dtype {array.dtype} in batch {index} instead.")
 
 
+def _batch_kind(labels: torch.Tensor | None, has_ids: bool, sample_ids: np.ndarray) -> tuple[Any, ...]:
+    """What must stay the same from batch to batch, in a readable form."""
+    label = None if labels is None else f"{labels.dtype} {tuple(labels.shape[1:])}"
+    ids = None if not has_ids else "str" if sample_ids.dtype == object else "int"
+    return ("labels", label, "ids", ids)
+
+
 def _logits(out: Any, n: int, trailing: tuple[int, ...] | None, index: int) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise TypeError(
@@ -426,24 +436,24 @@ def _run(
     done = 0
     batches = 0
     trailing: tuple[int, ...] | None = None
-    has_labels: bool | None = None
-    has_ids: bool | None = None
+    first_kind: tuple[Any, ...] | None = None
     model.eval()
     try:
         with torch.inference_mode(), _progress_bar(progress, total, "extracting logits") as bar:
             for index, batch in enumerate(loader):
                 x, y, ids = _split_batch(batch, keys, index)
                 n = _rows(x, index)
-                if has_labels is None:
-                    has_labels, has_ids = y is not None, ids is not None
-                elif (y is not None, ids is not None) != (has_labels, has_ids):
-                    raise ValueError(
-                        "Every batch of 'loader' must carry labels and ids as the first batch does "
-                        f"(labels: {has_labels}, ids: {has_ids}). Got labels: {y is not None}, ids: "
-                        f"{ids is not None} in batch {index} instead."
-                    )
                 labels = _labels(y, n, index)
                 sample_ids = _ids(ids, n, done, index)
+                kind = _batch_kind(labels, ids is not None, sample_ids)
+                if first_kind is None:
+                    first_kind = kind
+                elif kind != first_kind:
+                    raise ValueError(
+                        "Every batch of 'loader' must carry labels and ids like the first batch (labels' "
+                        f"presence, dtype and trailing shape; ids' presence and kind): {first_kind}. Got "
+                        f"{kind} in batch {index} instead."
+                    )
                 if hasher is not None:
                     hasher.update(x, labels, sample_ids if ids is not None else None)
                 out = _logits(logits_fn(_to_device(x, device)), n, trailing, index)
@@ -601,8 +611,11 @@ def extract_logits(
     if not refresh:
         manifest = store.read_manifest(directory, prefix)
         recorded = None if manifest is None else manifest["fingerprint"]
+        changed = [k for k, v in components.items() if k != "data" and (recorded or {}).get(k) != v]
+        if recorded is not None and changed:
+            logger.info("Recomputing logits store entry %s: its %s changed.", data_path, ", ".join(changed))
         # Fingerprint the data (a pass over the loader) only when the rest already matches.
-        if recorded is not None and all(recorded.get(k) == v for k, v in components.items() if k != "data"):
+        if recorded is not None and not changed:
             if components["data"] is None:
                 components["data"] = {"kind": "content", "value": _hash_loader(loader, keys, progress)}
             key = store.fingerprint_key(components)

@@ -826,9 +826,13 @@ def _map_file(path: Path) -> StoredLogits:
                     raise _CorruptEntry(f"its labels are {labels.dtype}, not {label_meta.get('dtype')}")
             elif label_meta is not None:
                 raise _CorruptEntry("its metadata describes labels it does not have")
-    except (pa.ArrowException, OSError, ValueError, TypeError, KeyError) as exc:
+            tensor = torch.from_numpy(values).reshape(shape)
+    # Any parse failure of a file we did not (or no longer) recognise means "unreadable".
+    except (
+        pa.ArrowException, OSError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+        NotImplementedError, RuntimeError,
+    ) as exc:
         raise _CorruptEntry(f"it is not a readable Arrow IPC store file ({type(exc).__name__}: {exc})") from exc
-    tensor = torch.from_numpy(values).reshape(shape)
     return StoredLogits(tensor, labels, sample_ids, metadata, path)
 
 

@@ -502,3 +502,55 @@ def test_fit_forwards_refresh_and_rejects_a_bad_prefix(tmp_path):
     assert model.calls > calls
     with pytest.raises(ValueError, match=r"'prefix' parameter must be a plain file-name stem"):
         SoftmaxScore().fit(model=model, loader=loader, outdir=tmp_path, prefix="../c", progress=False)
+
+
+def _crafted(path, n=6, width=4, rows_claimed=None, shape=None, fmt=FORMAT, batches=1, logits_type=None):
+    meta = {
+        "format": fmt,
+        "schema_version": SCHEMA_VERSION,
+        "n_samples": rows_claimed or n,
+        "logits_shape": shape or [rows_claimed or n, width],
+        "label": None,
+        "fingerprint": {"key": "k"},
+    }
+    values = pa.array(np.arange(n * width, dtype=np.float32))
+    logits = pa.FixedSizeListArray.from_arrays(values.cast(logits_type) if logits_type else values, width)
+    table = pa.table({"logits": logits, "sample_id": pa.array(np.arange(n))})
+    table = table.replace_schema_metadata({b"seapig_core": json.dumps(meta).encode()})
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        for _ in range(batches):
+            writer.write_table(table)
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({}, None),
+        ({"shape": [6, 5]}, "FixedSizeList<float32> of the recorded width"),
+        ({"rows_claimed": 60}, "does not match its 6 rows"),
+        ({"fmt": "something else"}, "no 'seapig_core.logits' metadata"),
+        ({"batches": 2}, "holds 2 record batches"),
+        ({"logits_type": pa.float64()}, "FixedSizeList<float32>"),
+        ({"shape": "abc"}, "does not match"),
+    ],
+    ids=["valid", "wrong-width", "rows-claimed", "format", "two-batches", "float64", "shape-not-a-list"],
+)
+def test_crafted_arrow_files_are_refused_not_trusted(tmp_path, options, reason):
+    path = tmp_path / "crafted.logits.arrow"
+    _crafted(path, **options)
+    if reason is None:  # the reader accepts any well-formed file, not only its own writer's
+        stored = load_logits(path, verify=False)
+        assert stored.logits.shape == (6, 4) and stored.sample_ids.tolist() == list(range(6))
+    else:
+        with pytest.raises(ValueError, match=reason):
+            load_logits(path, verify=False)
+
+
+def test_a_miss_says_which_part_of_the_fingerprint_changed(tmp_path, caplog):
+    model = LinearNet()
+    run(model, tensor_loader(20), tmp_path)
+    with torch.no_grad():
+        model.linear.bias += 1
+    with caplog.at_level("INFO", logger="seapig_core.extract"):
+        run(model, tensor_loader(20), tmp_path)
+    assert "its model changed" in caplog.text
