@@ -1,0 +1,1 @@
+"""Bundled, real examples that need no download (see :mod:`seapig_core.examples.digits`)."""
