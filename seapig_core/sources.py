@@ -1,0 +1,402 @@
+"""Where the pipeline's logits come from: logit files, or a model and data named by import path.
+
+Two kinds of source feed the calibration and scoring flows:
+
+- **Logit files** (:func:`read_logits_file`, :func:`list_logit_files`), read without pickle:
+
+  ========================  ===================================================================
+  ``*.logits.arrow``        a logits store entry (:mod:`seapig_core.store`), verified against
+                            its manifest
+  ``*.npy``                 one array of logits (``numpy.load(..., allow_pickle=False)``);
+                            sample ids are the row index
+  ``*.npz``                 arrays ``logits`` and optionally ``labels`` and ``sample_ids``
+                            (string or integer), loaded with ``allow_pickle=False``
+  ``*.parquet``,            a table with a ``logits`` column (fixed-size or variable lists of
+  ``*.arrow``,              floats, one list per sample) and optionally ``label`` (or
+  ``*.feather``             ``labels``) and ``sample_id`` columns
+  ========================  ===================================================================
+
+  In a directory of query batches every such file is one batch, named by the file name without
+  its suffix (``batch-007.npz`` -> ``batch-007``; ``batch-007.logits.arrow`` -> ``batch-007``).
+- **A model and a data source** named by import path (``"package.module:function"``) plus
+  keyword arguments (:func:`call_factory`), as Prefect deployments name them. The model factory
+  returns a ``torch.nn.Module`` with a ``.logits(x)`` method; the data factory returns a
+  DataLoader (one batch of the pipeline) or a mapping of batch names to DataLoaders.
+  :func:`extract_from_factories` extracts every loader's logits into the store.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.feather as feather
+import pyarrow.parquet as pq
+import torch
+
+from seapig_core._io import check_file_stem
+
+__all__ = [
+    "LOGIT_FILE_SUFFIXES",
+    "ExtractedBatch",
+    "LogitsData",
+    "call_factory",
+    "check_source",
+    "extract_from_factories",
+    "list_logit_files",
+    "read_logits_file",
+    "resolve_import_path",
+]
+
+#: Suffixes of the logit files read by :func:`read_logits_file` (store entries end in ``.logits.arrow``).
+LOGIT_FILE_SUFFIXES: tuple[str, ...] = (".npy", ".npz", ".parquet", ".arrow", ".feather")
+_STORE_SUFFIX = ".logits.arrow"
+_IMPORT_PATH = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
+
+
+# ----------------------------------------------------------------------------- logit files
+
+
+@dataclass(frozen=True, eq=False)
+class LogitsData:
+    """Logits read from a file: ``logits`` (float tensor), ``labels`` (tensor or None), ``sample_ids``."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor | None
+    sample_ids: np.ndarray
+    path: Path
+
+    def __len__(self) -> int:
+        return int(self.logits.shape[0])
+
+
+def _batch_name(path: Path) -> str | None:
+    """The batch a file holds (its name without the logit suffix), or None for other files."""
+    name = path.name
+    if name.startswith("."):
+        return None  # hidden files, e.g. a writer's temporary file
+    if name.endswith(_STORE_SUFFIX):
+        return name[: -len(_STORE_SUFFIX)] or None
+    for suffix in LOGIT_FILE_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def list_logit_files(directory: str | os.PathLike[str], name: str = "logits_dir") -> dict[str, Path]:
+    """The logit files of a directory by batch name, sorted by name (see the module docstring).
+
+    Raises
+    ------
+    ValueError
+        If ``directory`` does not exist or is not a directory, holds no logit file, or holds
+        two files of the same batch (e.g. ``b.npy`` and ``b.npz``).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        state = "does not exist" if not directory.exists() else "is not a directory"
+        raise ValueError(f"The '{name}' parameter must be a directory of logit files. Got {str(directory)!r}, which {state}.")
+    batches: dict[str, Path] = {}
+    for path in sorted(directory.iterdir()):
+        batch = _batch_name(path)
+        if batch is None or not path.is_file():
+            continue
+        if batch in batches:
+            raise ValueError(
+                f"The '{name}' directory {str(directory)!r} holds two files for batch {batch!r}: "
+                f"{batches[batch].name!r} and {path.name!r}. Keep one."
+            )
+        batches[batch] = path
+    if not batches:
+        raise ValueError(
+            f"The '{name}' parameter must be a directory holding logit files ({', '.join('*' + s for s in LOGIT_FILE_SUFFIXES)}). "
+            f"Got {str(directory)!r}, which holds none."
+        )
+    return batches
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over ``array``; read-only buffers (e.g. memory-mapped Arrow) are copied first."""
+    array = np.ascontiguousarray(array)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def _ids(values: Any, n: int, path: Path) -> np.ndarray:
+    if values is None:
+        return np.arange(n, dtype=np.int64)
+    ids = np.asarray(values)
+    if ids.ndim != 1 or ids.shape[0] != n:
+        raise ValueError(f"{str(path)!r}: 'sample_ids' must hold one id per sample ({n}). Got shape {ids.shape}.")
+    if ids.dtype.kind in "US":
+        return ids.astype(str).astype(object)
+    if ids.dtype.kind not in "iu" and not (ids.dtype.kind == "O" and all(isinstance(i, str) for i in ids)):
+        raise ValueError(f"{str(path)!r}: 'sample_ids' must be integers or strings. Got dtype {ids.dtype}.")
+    return ids
+
+
+def _list_column_to_numpy(column: pa.ChunkedArray, path: Path) -> np.ndarray:
+    array = column.combine_chunks()
+    if pa.types.is_fixed_size_list(array.type):
+        width = array.type.list_size
+    elif pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+        lengths = np.asarray(array.value_lengths().to_numpy(zero_copy_only=False))
+        if lengths.size and (lengths != lengths[0]).any():
+            raise ValueError(f"{str(path)!r}: every row of the 'logits' column must have the same length.")
+        width = int(lengths[0]) if lengths.size else 0
+    else:
+        raise ValueError(f"{str(path)!r}: the 'logits' column must hold a list of floats per sample. Got type {array.type}.")
+    if array.null_count:
+        raise ValueError(f"{str(path)!r}: the 'logits' column has {array.null_count} missing row(s).")
+    values = array.flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(values, dtype=np.float32 if values.dtype != np.float64 else np.float64).reshape(len(array), width)
+
+
+def _read_table(path: Path) -> LogitsData:
+    table = pq.read_table(path) if path.suffix == ".parquet" else feather.read_table(path, memory_map=True)
+    if "logits" not in table.column_names:
+        raise ValueError(f"{str(path)!r} must have a 'logits' column. Got columns {table.column_names}.")
+    logits = _list_column_to_numpy(table.column("logits"), path)
+    meta = (table.schema.metadata or {}).get(b"seapig_core")
+    if meta:
+        shape = json.loads(meta).get("logits_shape")
+        if shape:
+            logits = logits.reshape([len(logits), *shape[1:]])
+    label_column = next((c for c in ("label", "labels") if c in table.column_names), None)
+    labels = None
+    if label_column is not None:
+        column = table.column(label_column).combine_chunks()
+        labels_np = (
+            _list_column_to_numpy(column, path) if pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type)
+            else column.to_numpy(zero_copy_only=False)
+        )
+        labels = _tensor(labels_np)
+    ids = table.column("sample_id").to_numpy() if "sample_id" in table.column_names else None
+    return LogitsData(_tensor(logits), labels, _ids(ids, len(logits), path), path)
+
+
+def read_logits_file(path: str | os.PathLike[str], name: str = "logits_path") -> LogitsData:
+    """Read logits (and labels and sample ids, when present) from one file, never unpickling.
+
+    Parameters
+    ----------
+    path : str or Path
+        A file of one of the formats in the module docstring.
+    name : str
+        Argument name used in error messages.
+
+    Returns
+    -------
+    LogitsData
+
+    Raises
+    ------
+    ValueError
+        If the file is missing, of an unknown format, unreadable, empty, or malformed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"The '{name}' parameter must name an existing logits file. Got {str(path)!r}, which does not exist.")
+    if _batch_name(path) is None:
+        raise ValueError(
+            f"The '{name}' parameter must be a logits file ({', '.join('*' + s for s in LOGIT_FILE_SUFFIXES)}). Got {str(path)!r}."
+        )
+    try:
+        if path.name.endswith(_STORE_SUFFIX) and path.with_suffix(".json").is_file():
+            from seapig_core.store import load_logits
+
+            stored = load_logits(path)
+            data = LogitsData(stored.logits, stored.labels, stored.sample_ids, path)
+        elif path.suffix == ".npy":
+            logits = np.load(path, allow_pickle=False)
+            data = LogitsData(_tensor(logits), None, _ids(None, len(logits), path), path)
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                if "logits" not in archive.files:
+                    raise ValueError(f"{str(path)!r} must hold an array named 'logits'. Got arrays {archive.files}.")
+                logits = archive["logits"]
+                label_key = next((k for k in ("labels", "label") if k in archive.files), None)
+                labels = None if label_key is None else _tensor(archive[label_key])
+                id_key = next((k for k in ("sample_ids", "sample_id") if k in archive.files), None)
+                ids = None if id_key is None else archive[id_key]
+            data = LogitsData(_tensor(logits), labels, _ids(ids, len(logits), path), path)
+        else:
+            data = _read_table(path)
+    except ValueError as exc:
+        if str(path) in str(exc):
+            raise
+        raise ValueError(f"The '{name}' file {str(path)!r} could not be read as logits: {exc}") from exc
+    except (OSError, TypeError, pa.ArrowException, EOFError) as exc:
+        raise ValueError(f"The '{name}' file {str(path)!r} could not be read as logits: {exc}") from exc
+    if data.logits.ndim == 0 or data.logits.shape[0] == 0:
+        raise ValueError(f"The '{name}' file {str(path)!r} holds no samples (logits of shape {tuple(data.logits.shape)}).")
+    if not data.logits.is_floating_point():
+        raise ValueError(f"The '{name}' file {str(path)!r} must hold float logits. Got dtype {data.logits.dtype}.")
+    if data.labels is not None and data.labels.shape[0] != data.logits.shape[0]:
+        raise ValueError(
+            f"The '{name}' file {str(path)!r} must hold one label per sample ({data.logits.shape[0]}). "
+            f"Got labels of shape {tuple(data.labels.shape)}."
+        )
+    return data
+
+
+# ----------------------------------------------------------------------------- factories
+
+
+def check_source(files: str | None, model: str | None, data: str | None, files_name: str = "logits_path") -> str:
+    """Which source a flow was given: ``"files"`` or ``"model"``; exactly one must be complete.
+
+    Raises
+    ------
+    ValueError
+        If both or neither source is given, or only one of ``model`` and ``data``.
+    """
+    has_model = model is not None or data is not None
+    if files is not None and has_model:
+        raise ValueError(f"Give either '{files_name}' or 'model' and 'data', not both. Got {files_name}={files!r}, model={model!r}, data={data!r}.")
+    if files is not None:
+        return "files"
+    if model is None or data is None:
+        missing = "'model' and 'data'" if model is None and data is None else ("'model'" if model is None else "'data'")
+        raise ValueError(f"Give '{files_name}', or both 'model' and 'data' (import paths 'package.module:function'). Got no {missing}.")
+    return "model"
+
+
+def resolve_import_path(path: str, name: str = "factory") -> Any:
+    """The object named by ``"package.module:attribute"`` (the attribute may be dotted).
+
+    Raises
+    ------
+    TypeError
+        If ``path`` is not a string.
+    ValueError
+        If it is malformed, the module cannot be imported, or has no such attribute.
+    """
+    if not isinstance(path, str):
+        raise TypeError(f"The '{name}' parameter must be an import path 'package.module:function'. Got {type(path).__name__} instead.")
+    if not _IMPORT_PATH.fullmatch(path):
+        raise ValueError(f"The '{name}' parameter must be an import path of the form 'package.module:function'. Got {path!r} instead.")
+    module_name, attribute = path.split(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"The '{name}' parameter {path!r} does not resolve: cannot import module {module_name!r} ({exc}).") from exc
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"The '{name}' parameter {path!r} does not resolve: {obj.__name__ if hasattr(obj, '__name__') else obj!r} has no attribute {part!r}.")
+        obj = getattr(obj, part)
+    return obj
+
+
+def call_factory(path: str, kwargs: Mapping[str, Any] | None = None, name: str = "factory") -> Any:
+    """Resolve ``path`` (see :func:`resolve_import_path`) and call it with ``kwargs``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If the path does not resolve to a callable, or ``kwargs`` is not a mapping.
+    """
+    factory = resolve_import_path(path, name)
+    if not callable(factory):
+        raise ValueError(f"The '{name}' parameter {path!r} must name a callable. Got a {type(factory).__name__}.")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise TypeError(f"The '{name}_kwargs' parameter must be a dict of keyword arguments. Got {type(kwargs).__name__} instead.")
+    return factory(**dict(kwargs or {}))
+
+
+def _loaders(data: Any, default_batch: str, path: str) -> dict[str, Iterable[Any]]:
+    if isinstance(data, Mapping):
+        if not data:
+            raise ValueError(f"The data factory {path!r} returned an empty mapping: there is no batch to extract.")
+        return {check_file_stem(str(k), "batch"): v for k, v in data.items()}
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
+        return {check_file_stem(default_batch, "batch"): data}
+    raise ValueError(
+        f"The data factory {path!r} must return a DataLoader or a mapping of batch names to DataLoaders. "
+        f"Got a {type(data).__name__}."
+    )
+
+
+def _rows(loader: Any) -> int | None:
+    try:
+        return len(loader.dataset)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        return None
+
+
+@dataclass(frozen=True)
+class ExtractedBatch:
+    """One extracted batch: the store file, its sample count, and whether the store served it."""
+
+    batch: str
+    path: str
+    samples: int
+    from_cache: bool
+
+
+def extract_from_factories(
+    model: str,
+    data: str,
+    outdir: str | os.PathLike[str],
+    *,
+    model_kwargs: Mapping[str, Any] | None = None,
+    data_kwargs: Mapping[str, Any] | None = None,
+    default_batch: str = "query",
+    progress_callback: Callable[[int, int | None], None] | None = None,
+    **extract_options: Any,
+) -> list[ExtractedBatch]:
+    """Build the model and the data from import paths and extract every batch's logits into the store.
+
+    Parameters
+    ----------
+    model : str
+        Import path of a factory returning a ``torch.nn.Module`` with ``.logits(x)``.
+    data : str
+        Import path of a factory returning a DataLoader or a mapping ``{batch name: DataLoader}``.
+    outdir : str or Path
+        The logits store directory; each batch is the entry ``<batch>.logits.arrow``.
+    model_kwargs, data_kwargs : dict, optional
+        Keyword arguments of the factories.
+    default_batch : str
+        Batch name of a single DataLoader.
+    progress_callback : callable, optional
+        ``(done_rows, total_rows_or_None)`` over all batches.
+    **extract_options
+        Passed to :func:`seapig_core.extract.extract_logits` (e.g. ``input_key``, ``refresh``).
+
+    Returns
+    -------
+    list of ExtractedBatch
+        In the data factory's order.
+    """
+    from seapig_core.extract import extract_logits
+
+    net = call_factory(model, model_kwargs, name="model")
+    if not isinstance(net, torch.nn.Module) and not callable(getattr(net, "logits", None)):
+        raise ValueError(f"The 'model' factory {model!r} must return a torch.nn.Module with .logits(x). Got a {type(net).__name__}.")
+    loaders = _loaders(call_factory(data, data_kwargs, name="data"), default_batch, data)
+    sizes = {batch: _rows(loader) for batch, loader in loaders.items()}
+    total = None if any(v is None for v in sizes.values()) else sum(sizes.values())  # type: ignore[arg-type]
+    results: list[ExtractedBatch] = []
+    done_before = 0
+    for batch, loader in loaders.items():
+        callback = None
+        if progress_callback is not None:
+            def callback(done: int, _total: int | None, _offset: int = done_before) -> None:
+                progress_callback(_offset + done, total)
+        extraction = extract_logits(net, loader, outdir=outdir, prefix=batch, progress_callback=callback, **extract_options)
+        samples = int(extraction.logits.shape[0])
+        if samples == 0:
+            raise ValueError(f"The data factory {data!r} yielded no samples for batch {batch!r}.")
+        results.append(ExtractedBatch(batch, str(extraction.path), samples, bool(extraction.from_cache)))
+        done_before += samples
+        if progress_callback is not None:
+            progress_callback(done_before, total)
+    return results
