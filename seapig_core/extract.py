@@ -598,7 +598,8 @@ def extract_logits(
     if prefix is not None:
         check_file_stem(prefix, "prefix")
     directory = ensure_writable_dir(outdir, "outdir")
-    _check_loader(loader, needs_second_pass=data_fingerprint is None)
+    # Only a lookup fingerprints the data in a pass of its own.
+    _check_loader(loader, needs_second_pass=data_fingerprint is None and not refresh)
     data_path, _ = store.entry_paths(directory, prefix)
     components: dict[str, Any] = {
         "model": store.model_fingerprint(model),

@@ -287,6 +287,8 @@ def test_one_shot_loaders_need_a_data_fingerprint(tmp_path):
         run(LinearNet(), (b for b in [x[:10], x[10:]]), tmp_path)
     out = run(LinearNet(), (b for b in [x[:10], x[10:]]), tmp_path, data_fingerprint="v1")
     assert out.n_samples == 20
+    refreshed = run(LinearNet(), (b for b in [x[:10], x[10:]]), tmp_path, prefix="fresh", refresh=True)
+    assert refreshed.n_samples == 20 and run(LinearNet(), [x[:10], x[10:]], tmp_path, prefix="fresh").from_cache
 
 
 def test_string_ids_round_trip_through_the_store(tmp_path):
