@@ -1,0 +1,46 @@
+"""Tasks that produce logit files: extraction from a model and data, or a directory of files."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from seapig_core.sources import extract_from_factories, list_logit_files
+from tasks._support import ProgressArtifact, retry_unless_bad_input
+
+
+# No Prefect cache: the logits store is the cache, keyed on the model's weights, the data's
+# content and the library version (seapig_core.store), and it verifies its files.
+@task(
+    name="extract-logits",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_unless_bad_input,
+    cache_policy=NO_CACHE,
+)
+def extract_logits_task(
+    model: str,
+    data: str,
+    store_dir: str,
+    model_kwargs: dict[str, Any] | None = None,
+    data_kwargs: dict[str, Any] | None = None,
+    default_batch: str = "query",
+    extract_options: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Extract every batch of a model (import path) over a data source (import path) into the logits store."""
+    progress = ProgressArtifact("extraction-progress", f"Extracting logits of {data} with {model}")
+    batches = extract_from_factories(
+        model, data, store_dir, model_kwargs=model_kwargs, data_kwargs=data_kwargs, default_batch=default_batch,
+        progress_callback=progress, progress=False, **(extract_options or {}),
+    )
+    progress.finish()
+    return [asdict(b) for b in batches]
+
+
+@task(name="list-logit-files", cache_policy=NO_CACHE)
+def list_logit_files_task(logits_dir: str) -> dict[str, str]:
+    """The logit files of a directory by batch name."""
+    return {batch: str(path) for batch, path in list_logit_files(logits_dir).items()}
