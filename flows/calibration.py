@@ -1,0 +1,82 @@
+"""Calibration flow: fit a selector (temperature + threshold) on labelled logits, save it, publish the evidence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from seapig_core.sources import check_source
+from tasks import extract_logits_task, fit_selector_task, publish_calibration_artifacts
+
+
+@flow(name="calibration")
+def calibration_flow(
+    bundle_dir: str,
+    logits_path: str | None = None,
+    model: str | None = None,
+    data: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    data_kwargs: dict[str, Any] | None = None,
+    store_dir: str | None = None,
+    scores: list[str] | None = None,
+    q: float = 0.95,
+    target_risk: float | None = None,
+    delta: float = 0.05,
+    split_fraction: float = 0.5,
+    seed: int = 0,
+    task: str = "multiclass",
+    per_member: bool = False,
+    plot_dir: str | None = None,
+    extract_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fit a selector on calibration data and save it as a bundle, with review artifacts.
+
+    Parameters
+    ----------
+    bundle_dir : str
+        Where the selector bundle is written (replacing an earlier one).
+    logits_path : str, optional
+        A file of precomputed calibration logits with labels (``.npz``, ``.parquet``, ``.arrow``,
+        a logits store entry; see ``seapig_core.sources``). Give this, or ``model`` and ``data``.
+    model, data : str, optional
+        Import paths ``"package.module:function"`` of a model factory (a module with
+        ``.logits(x)``) and a data factory (a labelled DataLoader).
+    model_kwargs, data_kwargs : dict, optional
+        Keyword arguments of the factories.
+    store_dir : str, optional
+        Logits store for extraction; default ``<parent of bundle_dir>/logits``.
+    scores : list of str, optional
+        Score names, the first selects (default ``["softmax"]``).
+    q : float
+        Coverage quantile of the threshold.
+    target_risk, delta : float, optional
+        Select with the guaranteed-risk threshold instead: selective risk at most
+        ``target_risk`` with probability at least ``1 - delta``.
+    split_fraction, seed : float, int
+        Share of the labelled samples that fit the temperature, and the split's seed; the
+        threshold and the reported metrics use the rest.
+    task, per_member : str, bool
+        The logits' task (``multiclass``, ``binary``, ``multilabel``) and member axis.
+    plot_dir : str, optional
+        Also write the report's plots there as PNG files.
+    extract_options : dict, optional
+        Passed to ``seapig_core.extract.extract_logits`` (``input_key``, ``refresh``, ...).
+
+    Returns
+    -------
+    dict
+        The bundle directory, its manifest hash and the calibration summary.
+    """
+    if check_source(logits_path, model, data, "logits_path") == "model":
+        store = store_dir or str(Path(bundle_dir).parent / "logits")
+        extracted = extract_logits_task(model, data, store, model_kwargs, data_kwargs, "calibration", extract_options)
+        if len(extracted) != 1:
+            raise ValueError(f"The calibration data factory {data!r} must return one DataLoader. Got {len(extracted)} batches.")
+        logits_path = extracted[0]["path"]
+    result = fit_selector_task(
+        logits_path, bundle_dir, scores or ["softmax"], q, target_risk, delta, split_fraction, seed, task, per_member
+    )
+    publish_calibration_artifacts(bundle_dir, plot_dir)
+    return result

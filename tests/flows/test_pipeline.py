@@ -1,0 +1,236 @@
+"""The calibration and scoring flows against a real temporary Prefect server (prefect_test_harness)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows.calibration import calibration_flow
+from flows.scoring import ScoringFailed, scoring_flow
+from seapig_core.bundle import MANIFEST_NAME, load_bundle
+from seapig_core.selections import read_selections
+from tests.flows.harness import DIGITS, read_artifacts, read_logs, read_task_runs
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
+
+_PNG_URI = re.compile(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)")
+
+
+def _pngs(markdown: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in _PNG_URI.findall(markdown)]
+
+
+def _table(artifact) -> list[dict]:
+    data = artifact.data
+    return json.loads(data) if isinstance(data, str) else data
+
+
+@pytest.fixture(scope="module")
+def calibrated(digits: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A bundle fitted by the calibration flow on the digits model + data, with a target risk."""
+    root = tmp_path_factory.mktemp("calibrated")
+    state = calibration_flow(
+        bundle_dir=str(root / "bundle"), model=f"{DIGITS}:digits_model", data=f"{DIGITS}:digits_loader",
+        model_kwargs={"cache_dir": str(digits["model"])}, data_kwargs={"split": "calibration"},
+        store_dir=str(root / "logits"), scores=["softmax", "energy"], q=0.95, target_risk=0.05,
+        plot_dir=str(root / "plots"), return_state=True,
+    )
+    assert state.is_completed(), state.message
+    return {"root": root, "bundle": root / "bundle", "plots": root / "plots", "flow_run_id": state.state_details.flow_run_id, "result": state.result()}
+
+
+def test_calibration_flow_writes_bundle_and_artifacts(calibrated: dict) -> None:
+    bundle = load_bundle(calibrated["bundle"])
+    assert list(bundle.scores) == ["softmax", "energy"] and bundle.n_units == 10
+    assert bundle.threshold_source == "risk" and bundle.risk_threshold["risk_bound"] <= 0.05
+    assert calibrated["result"]["manifest_sha256"] == bundle.manifest_sha256
+
+    artifacts = read_artifacts(calibrated["flow_run_id"])
+    assert {"calibration-summary", "calibration-report", "extraction-progress"} <= set(artifacts)
+    assert artifacts["extraction-progress"].data == pytest.approx(100.0)
+
+    rows = {row["metric"]: row["value"] for row in _table(artifacts["calibration-summary"])}
+    for key in ("samples", "accuracy", "temperature", "nll_before", "nll_after", "ece_before", "ece_after",
+                "aurc", "threshold", "coverage", "guaranteed_threshold", "risk_bound"):
+        assert key in rows, key
+    assert rows["samples"] == 629 and rows["samples_threshold"] + rows["samples_temperature"] == 629
+    assert rows["nll_after"] <= rows["nll_before"]
+    assert rows["guaranteed_threshold"] == pytest.approx(bundle.threshold, rel=1e-5)
+
+    markdown = artifacts["calibration-report"].data
+    images = _pngs(markdown)
+    assert len(images) == 3 and all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in images)
+    assert "Reliability diagram" in markdown and "Risk-coverage" in markdown
+    assert sorted(p.name for p in calibrated["plots"].glob("*.png")) == [
+        "calibration-density.png", "calibration-reliability.png", "calibration-risk-coverage.png",
+    ]
+
+
+def test_scoring_flow_from_model_and_data(calibrated: dict, digits: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "selections"
+    state = scoring_flow(
+        bundle_dir=str(calibrated["bundle"]), output_dir=str(out), model=f"{DIGITS}:digits_model",
+        data=f"{DIGITS}:query_loaders", model_kwargs={"cache_dir": str(digits["model"])}, data_kwargs={"n_batches": 3},
+        store_dir=str(tmp_path / "logits"), plot_dir=str(tmp_path / "plots"), return_state=True,
+    )
+    assert state.is_completed(), state.message
+    files = sorted(p.name for p in out.iterdir())
+    assert files == [f"batch-00{i}.selections.parquet" for i in range(3)]
+    table = pd.concat([read_selections(out / name) for name in files])
+    for column in ("sample_id", "prediction", "score", "selected", "alternate_label", "certainty_ratio", "score_energy"):
+        assert column in table.columns
+    assert table["selected"].any() and (~table["selected"]).any()
+    assert len(table) == 750 and table["sample_id"].is_unique
+
+    artifacts = read_artifacts(state.state_details.flow_run_id)
+    assert {"scoring-summary", "scoring-report", "extraction-progress"} <= set(artifacts)
+    rows = _table(artifacts["scoring-summary"])
+    assert [row["batch"] for row in rows] == ["batch-000", "batch-001", "batch-002"]
+    for row in rows:
+        assert row["samples"] == row["selected"] + row["rejected"] == 250
+        assert row["expected_rejection_rate"] == pytest.approx(1 - load_bundle(calibrated["bundle"]).calibration["coverage"], rel=1e-5)
+        assert 0.0 <= row["ks_statistic"] <= 1.0
+    markdown = artifacts["scoring-report"].data
+    assert len(_pngs(markdown)) == 3 and "batch-002" in markdown
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [f"batch-00{i}-density.png" for i in range(3)]
+
+
+def test_rerunning_a_batch_replaces_its_output(calibrated: dict, digits: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = scoring_flow(bundle_dir=str(calibrated["bundle"]), output_dir=str(out), logits_dir=str(digits["queries"]))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for _ in range(2):  # the second re-run is served from the content-keyed cache
+        again = scoring_flow(bundle_dir=str(calibrated["bundle"]), output_dir=str(out), logits_dir=str(digits["queries"]))
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(after) == sorted(before) == [f"batch-00{i}.selections.parquet" for i in range(3)]
+    assert after == before
+    assert [r["path"] for r in again] == [r["path"] for r in first]
+
+
+def test_failing_batch_leaves_no_partial_file(
+    calibrated: dict, digits: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queries = tmp_path / "queries"
+    shutil.copytree(digits["queries"], queries)
+    out = tmp_path / "out"
+    scoring_flow(bundle_dir=str(calibrated["bundle"]), output_dir=str(out), logits_dir=str(queries))
+    earlier = (out / "batch-001.selections.parquet").read_bytes()
+
+    # A write that dies half-way through batch-001 (e.g. the disk fills up).
+    import seapig_core.selections as selections
+
+    real_write = selections.pq.write_table
+
+    def dying_write(table, where, *args, **kwargs):
+        if "batch-001" in str(where):
+            Path(where).write_bytes(b"PAR1 half a file")
+            raise OSError(28, "No space left on device")
+        return real_write(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(selections.pq, "write_table", dying_write)
+    state = scoring_flow(bundle_dir=str(calibrated["bundle"]), output_dir=str(out), logits_dir=str(queries), return_state=True)
+
+    assert state.is_failed()
+    assert "batch-001" in state.message and "No space left on device" in state.message
+    with pytest.raises(ScoringFailed, match="1 of 3 query batch"):
+        state.result()
+    assert (out / "batch-001.selections.parquet").read_bytes() == earlier  # the earlier output is kept
+    assert sorted(p.name for p in out.iterdir()) == [f"batch-00{i}.selections.parquet" for i in range(3)]  # no temporary file
+    logs = "\n".join(read_logs(state.state_details.flow_run_id))
+    assert "No space left on device" in logs
+
+
+def test_scoring_a_batch_with_another_class_count_fails_clearly(calibrated: dict, digits: dict[str, Path], tmp_path: Path) -> None:
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    shutil.copy(digits["queries"] / "batch-000.npz", queries)
+    np.savez(queries / "wide.npz", logits=np.random.default_rng(0).normal(size=(20, 12)).astype(np.float32))
+    out = tmp_path / "out"
+    state = scoring_flow(bundle_dir=str(calibrated["bundle"]), output_dir=str(out), logits_dir=str(queries), return_state=True)
+    assert state.is_failed()
+    assert "wide" in state.message and "10 logits per sample" in state.message and "12 per sample" in state.message
+    assert sorted(p.name for p in out.iterdir()) == ["batch-000.selections.parquet"]  # the good batch is still written
+    assert "scoring-report" in read_artifacts(state.state_details.flow_run_id)
+
+
+def test_calibration_from_a_logits_file(digits: dict[str, Path], tmp_path: Path) -> None:
+    result = calibration_flow(bundle_dir=str(tmp_path / "bundle"), logits_path=str(digits["calibration"]), scores=["entropy"], q=0.9)
+    bundle = load_bundle(tmp_path / "bundle")
+    assert bundle.primary_name == "entropy" and bundle.q == 0.9 and bundle.threshold_source == "quantile"
+    assert result["calibration"]["coverage"] == pytest.approx(0.9, abs=0.02)
+    assert bundle.source["logits_path"] == str(digits["calibration"].resolve())
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _failed_run(flow, **parameters):
+    state = flow(**parameters, return_state=True)
+    assert state.is_failed()
+    return state
+
+
+def test_unresolvable_import_path_fails_without_retrying(tmp_path: Path) -> None:
+    state = _failed_run(
+        calibration_flow, bundle_dir=str(tmp_path / "bundle"), model="no_such_package.models:net",
+        data=f"{DIGITS}:digits_loader", store_dir=str(tmp_path / "logits"),
+    )
+    assert "'no_such_package.models:net' does not resolve" in state.message
+    with pytest.raises(ValueError, match="cannot import module 'no_such_package.models'"):
+        state.result()
+    extract = [run for run in read_task_runs(state.state_details.flow_run_id) if run.name.startswith("extract-logits")]
+    assert len(extract) == 1 and extract[0].run_count == 1  # bad input is not retried
+    assert not (tmp_path / "bundle").exists()
+
+
+@pytest.mark.parametrize(
+    "parameters, message",
+    [
+        ({"logits_path": "x.npz", "model": f"{DIGITS}:digits_model", "data": f"{DIGITS}:digits_loader"}, "not both"),
+        ({"model": f"{DIGITS}:digits_model"}, "Got no 'data'"),
+        ({"model": "not an import path", "data": f"{DIGITS}:digits_loader"}, "must be an import path"),
+        ({"model": f"{DIGITS}:no_such_function", "data": f"{DIGITS}:digits_loader"}, "has no attribute 'no_such_function'"),
+        ({"logits_path": "missing.npz"}, "does not exist"),
+    ],
+)
+def test_bad_calibration_sources(parameters: dict, message: str, tmp_path: Path) -> None:
+    state = _failed_run(calibration_flow, bundle_dir=str(tmp_path / "bundle"), store_dir=str(tmp_path / "logits"), **parameters)
+    assert message in state.message
+
+
+def test_bundle_of_another_schema_version_is_rejected(calibrated: dict, digits: dict[str, Path], tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(calibrated["bundle"], bundle)
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    manifest["schema_version"] = 99
+    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
+    state = _failed_run(scoring_flow, bundle_dir=str(bundle), output_dir=str(tmp_path / "out"), logits_dir=str(digits["queries"]))
+    assert "schema version 99" in state.message and "Re-run the calibration flow" in state.message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no logit files"])
+def test_empty_or_missing_query_source(case: str, calibrated: dict, tmp_path: Path) -> None:
+    queries = tmp_path / "queries"
+    if case != "missing":
+        queries.mkdir()
+    if case == "no logit files":
+        (queries / "notes.txt").write_text("not logits")
+    state = _failed_run(scoring_flow, bundle_dir=str(calibrated["bundle"]), output_dir=str(tmp_path / "out"), logits_dir=str(queries))
+    assert ("does not exist" if case == "missing" else "holds none") in state.message
+
+
+def test_unwritable_output_dir(calibrated: dict, digits: dict[str, Path], tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    state = _failed_run(
+        scoring_flow, bundle_dir=str(calibrated["bundle"]), output_dir=str(blocker / "out"), logits_dir=str(digits["queries"])
+    )
+    assert "3 of 3 query batch(es) failed" in state.message and "writable directory" in state.message
