@@ -20,8 +20,9 @@ Measures, on this machine, side by side in one run:
     (``/proc/self/clear_refs``); the growth is the peak minus the RSS before the call.
 (c) **Overhead.** ``extract_logits`` (no store) against a bare ``torch.inference_mode()`` loop
     that calls ``model.logits`` and collects logits and labels, over the same model and
-    loader; repetitions interleaved (order alternating), median of the per-pair ratios. Also
-    with the store (a miss: hashing the data and writing the file), for reference.
+    loader; repetitions interleaved (order alternating), median of the per-pair ratios; torch
+    on one thread (the machine is shared). Also with the store (a miss: hashing the data and
+    writing the file), for reference.
 (d) **Store throughput.** Writing 500,000 x 100 logits (200 MB) with labels and ids through
     :class:`seapig_core.store.LogitsWriter` (streamed, fsync'd, SHA-256 for the manifest),
     and reading them back (verified, and open-only), against pyarrow's own IPC writer and
@@ -217,6 +218,17 @@ def bare_loop(model: torch.nn.Module, loader) -> tuple[torch.Tensor, torch.Tenso
 
 
 def bench_overhead(n: int, repeats: int) -> dict[str, list[float]]:
+    # One intra-op thread: with two on a shared 2-core machine, every parallel region waits for
+    # the busier core, and the noise swamps a few-percent difference.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _bench_overhead(n, repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench_overhead(n: int, repeats: int) -> dict[str, list[float]]:
     model = MLP((256, 512, 100))
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(n, 256, generator=generator)
@@ -339,6 +351,7 @@ def main() -> int:
     args = parser.parse_args()
     quick = args.quick
     started = time.perf_counter()
+    load_start = os.getloadavg()[0]
     command = "python benchmarks/bench_extract.py" + (" --quick" if quick else "")
 
     print("(a) cache speed-up", flush=True)
@@ -354,18 +367,20 @@ def main() -> int:
     n_big = 200_000 if quick else 2_000_000
     memory = bench_memory(n=n_big, width=100, batch=8192)
     print("(c) overhead", flush=True)
-    overhead = bench_overhead(n=5_000 if quick else 50_000, repeats=3 if quick else 11)
+    overhead = bench_overhead(n=5_000 if quick else 50_000, repeats=3 if quick else 15)
     print("(d) throughput", flush=True)
     throughput = bench_throughput(n=50_000 if quick else 500_000, width=100, block=8192, repeats=1 if quick else 3)
     elapsed = time.perf_counter() - started
+    load = "load average (1 min) %.1f at the start, %.1f at the end" % (load_start, os.getloadavg()[0])
 
     lines = [
         "## Logit extraction and the logits store",
         "",
-        f"Command: `{command}` (from the repository root; {elapsed:.0f} s on {machine()}).",
+        f"Command: `{command}` (from the repository root; {elapsed:.0f} s on {machine()}; {load}).",
         "",
-        "Timings are wall-clock medians over repetitions measured in this one run; the machine is shared, "
-        "so single numbers carry a few percent of noise. See the script's docstring for what each row measures.",
+        "Timings are wall-clock medians over repetitions measured in this one run. The machine is shared with "
+        "other jobs (see the load average), so single repetitions can be far off; ratios are taken per pair, "
+        "interleaved. See the script's docstring for what each row measures.",
         "",
         "| benchmark | measurement | result | goal |",
         "|---|---|---|---|",
@@ -408,8 +423,8 @@ def main() -> int:
             continue
         bare, ext = overhead[name + " times"]
         lines.append(
-            f"| (c) overhead | `extract_logits` / bare `inference_mode` loop, 256-512-100 MLP, {n_over:,} samples, "
-            f"{name} (medians {ext:.3f} s vs {bare:.3f} s, {len(values)} interleaved pairs) | "
+            f"| (c) overhead | `extract_logits` / bare `inference_mode` loop, 256-512-100 MLP (1 thread), "
+            f"{n_over:,} samples, {name} (medians {ext:.3f} s vs {bare:.3f} s, {len(values)} interleaved pairs) | "
             f"**{statistics.median(values):.3f}** (pairs {min(values):.3f}-{max(values):.3f}) | <= 1.05 |"
         )
     lines.append(

@@ -41,6 +41,7 @@ stays bounded, and the returned logits are memory-mapped from the store.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -338,6 +339,11 @@ def _logits(out: Any, n: int, trailing: tuple[int, ...] | None, index: int) -> t
             f"The 'model' parameter's logits(x) must keep its trailing shape across batches. Got "
             f"{tuple(out.shape[1:])} in batch {index} instead of {trailing}."
         )
+    if math.prod(out.shape[1:]) == 0:
+        raise ValueError(
+            f"The 'model' parameter's logits(x) must return at least one logit per input. Got shape "
+            f"{tuple(out.shape)} in batch {index} instead."
+        )
     if out.dtype == torch.bool or out.is_complex():
         raise TypeError(f"The 'model' parameter's logits(x) must return real numbers. Got dtype {out.dtype} instead.")
     return out.detach().to("cpu", torch.float32)
@@ -347,39 +353,44 @@ def _logits(out: Any, n: int, trailing: tuple[int, ...] | None, index: int) -> t
 
 
 class _Rows:
-    """Row blocks gathered into one tensor.
+    """Row blocks gathered into one tensor, each block copied once.
 
-    With a known row count, blocks are copied into one preallocated tensor (one copy, peak
-    memory 1x, like a loop that concatenates once). Otherwise each block is copied as it comes
-    and the copies are concatenated at the end. The copy matters: a model or loader may reuse
-    one output buffer for every batch, and keeping its blocks as they are would let later
-    batches overwrite earlier rows.
+    With a known row count the blocks go into one preallocated tensor, which is returned as
+    is (peak memory 1x). Otherwise they go into slabs that grow geometrically up to 64 MiB and
+    are concatenated at the end (peak 2x, as in a loop that concatenates once); slabs that
+    large are returned to the OS when freed, where many small copies would fragment the heap.
+    Copying is not optional: a model or loader may reuse one output buffer for every batch.
     """
+
+    _SLAB_BYTES = 64 << 20
 
     def __init__(self, capacity: int | None) -> None:
         self._capacity = capacity
-        self._buffer: torch.Tensor | None = None
-        self._filled = 0
-        self._chunks: list[torch.Tensor] = []
+        self._slabs: list[torch.Tensor] = []
+        self._filled: list[int] = []
 
     def append(self, block: torch.Tensor) -> None:
         n = int(block.shape[0])
-        if self._capacity is not None and not self._chunks and self._filled + n <= self._capacity:
-            if self._buffer is None:
-                # Allocated outside inference mode: the result must be an ordinary tensor that
-                # autograd and in-place updates accept later.
-                with torch.inference_mode(False):
-                    self._buffer = torch.empty((self._capacity, *block.shape[1:]), dtype=block.dtype)
-            self._buffer[self._filled : self._filled + n] = block
-            self._filled += n
-        else:
-            self._chunks.append(block.clone())
+        if not self._slabs or self._filled[-1] + n > self._slabs[-1].shape[0]:
+            if self._capacity is not None and not self._slabs:
+                rows = max(self._capacity, n)
+            else:
+                row_bytes = max(1, math.prod(block.shape[1:]) * block.element_size())
+                rows = max(n, min(sum(self._filled), self._SLAB_BYTES // row_bytes))
+            # Allocated outside inference mode: the result must be an ordinary tensor that
+            # autograd and in-place updates accept later.
+            with torch.inference_mode(False):
+                self._slabs.append(torch.empty((rows, *block.shape[1:]), dtype=block.dtype))
+            self._filled.append(0)
+        start = self._filled[-1]
+        self._slabs[-1][start : start + n] = block
+        self._filled[-1] = start + n
 
     def result(self) -> torch.Tensor:
-        if self._buffer is not None and not self._chunks and self._filled == self._capacity:
-            return self._buffer
-        parts = ([self._buffer[: self._filled]] if self._buffer is not None else []) + self._chunks
-        # Outside inference mode, concatenating inference tensors gives an ordinary tensor.
+        if len(self._slabs) == 1 and self._filled[0] == self._slabs[0].shape[0]:
+            return self._slabs[0]
+        parts = [slab[:filled] for slab, filled in zip(self._slabs, self._filled, strict=True)]
+        self._slabs, self._filled = [], []
         return torch.cat(parts)
 
 

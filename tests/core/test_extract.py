@@ -256,6 +256,19 @@ def test_models_that_reuse_their_output_buffer_keep_every_row(sized):
     torch.testing.assert_close(out.logits, direct(LinearNet(), x), rtol=0, atol=1e-6)
 
 
+def test_a_loader_that_yields_more_rows_than_it_announces_still_gives_every_row():
+    class Understated(SequentialSampler):
+        def __len__(self):
+            return 5  # the DataLoader sizes its result from this; 23 rows follow
+
+    x, y = tensor_data(23)
+    dataset = TensorDataset(x, y)
+    model = LinearNet()
+    out = extract_logits(model, DataLoader(dataset, batch_size=4, sampler=Understated(dataset)), progress=False)
+    torch.testing.assert_close(out.logits, direct(model, x), rtol=0, atol=1e-6)
+    assert torch.equal(out.labels, y)
+
+
 def test_results_are_ordinary_tensors_that_autograd_accepts():
     out = extract_logits(LinearNet(), tensor_loader(20), progress=False)
     assert not out.logits.is_inference() and not out.labels.is_inference()
@@ -387,10 +400,13 @@ BAD_OUTPUTS = [
     (lambda x: torch.tensor(1.0), ValueError, r"one row per input\. Got shape \(\)"),
     (_ragged_logits(), ValueError, r"keep its trailing shape.*Got \(4,\) in batch 1 instead of \(3,\)"),
     (lambda x: torch.zeros(len(x), 2, dtype=torch.bool), TypeError, r"real numbers\. Got dtype torch\.bool"),
+    (lambda x: torch.zeros(len(x), 0), ValueError, r"at least one logit per input\. Got shape \(8, 0\)"),
 ]
 
 
-@pytest.mark.parametrize(("fn", "error", "message"), BAD_OUTPUTS, ids=["tuple", "list", "rows", "scalar", "ragged", "bool"])
+@pytest.mark.parametrize(
+    ("fn", "error", "message"), BAD_OUTPUTS, ids=["tuple", "list", "rows", "scalar", "ragged", "bool", "empty-rows"]
+)
 def test_bad_model_outputs_are_refused(fn, error, message):
     with pytest.raises(error, match=message):
         extract_logits(_returns(fn), tensor_loader(20, batch_size=8), progress=False)
