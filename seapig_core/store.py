@@ -218,6 +218,11 @@ def model_fingerprint(model: torch.nn.Module) -> dict[str, str]:
     digest = hashlib.sha256(b"seapig_core.model.v1")
     for kind, items in (("p", model.named_parameters()), ("b", model.named_buffers())):
         for name, tensor in items:
+            if isinstance(tensor, torch.nn.parameter.UninitializedTensorMixin):
+                raise ValueError(
+                    "The 'model' parameter must have initialised weights to be fingerprinted for the logits "
+                    f"store. Got the lazy, uninitialised {name!r} instead; run one forward pass first."
+                )
             header = f"{kind}|{name}|{tensor.dtype}|{tuple(tensor.shape)}|"
             digest.update(header.encode())
             digest.update(_tensor_bytes(tensor))

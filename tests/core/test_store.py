@@ -448,6 +448,23 @@ def test_prefixes_that_leave_outdir_are_refused_and_nothing_is_written(tmp_path,
     assert listing(tmp_path) == ["store"] and listing(outdir) == []
 
 
+def test_lazy_models_must_be_initialised_before_caching(tmp_path):
+    class Lazy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.LazyLinear(3)
+
+        def logits(self, x):
+            return self.linear(x)
+
+    model = Lazy()
+    with pytest.raises(ValueError, match=r"initialised weights.*'linear\.weight'.*run one forward pass first"):
+        run(model, tensor_loader(10), tmp_path)
+    assert listing(tmp_path) == []
+    model.logits(torch.zeros(1, 6))
+    assert run(model, tensor_loader(10), tmp_path).n_samples == 10
+
+
 def test_prefix_must_be_a_string(tmp_path):
     with pytest.raises(TypeError, match=r"'prefix' parameter must be a str\. Got int"):
         run(LinearNet(), tensor_loader(10), tmp_path, prefix=3)
