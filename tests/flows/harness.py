@@ -47,56 +47,61 @@ def release_server() -> None:
         stack.close()
 
 
+def _run(coroutine_function: Any) -> Any:
+    """Run ``coroutine_function(client)`` with a Prefect client of the current settings."""
+    from prefect import get_client
+
+    async def main() -> Any:
+        async with get_client() as client:
+            return await coroutine_function(client)
+
+    return asyncio.run(main())
+
+
 def read_artifacts(flow_run_id: UUID | str) -> dict[str, Any]:
     """The artifacts of a flow run by key (read back through the Prefect client)."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, TaskRunFilter
-    from prefect.client.schemas.sorting import ArtifactSort
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    async def read() -> list[Any]:
-        async with get_client() as client:
-            # Every field explicit: Prefect 3.8.8's client sends None for omitted ones, which this
-            # server version rejects (422).
-            return await client.read_artifacts(
-                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(str(flow_run_id))])),
-                flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(), limit=200, offset=0,
-                sort=ArtifactSort.CREATED_DESC,
-            )
+    run_filter = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(str(flow_run_id))]))
+    return {a.key: a for a in _run(lambda client: client.read_artifacts(artifact_filter=run_filter))}
 
-    return {a.key: a for a in asyncio.run(read())}
+
+def read_artifact_by_id(artifact_id: UUID | str) -> Any:
+    """One artifact, read back through the Prefect client (also one created outside a flow run)."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
+
+    id_filter = ArtifactFilter(id=ArtifactFilterId(any_=[UUID(str(artifact_id))]))
+    (artifact,) = _run(lambda client: client.read_artifacts(artifact_filter=id_filter))
+    return artifact
 
 
 def read_logs(flow_run_id: UUID | str) -> list[str]:
     """The messages logged by a flow run and its task runs (after sending the queued logs)."""
-    from prefect import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogHandler
 
     APILogHandler().flush()  # logs reach the server in the background; send the queued ones now
-
-    async def read() -> list[Any]:
-        async with get_client() as client:
-            return await client.read_logs(
-                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(str(flow_run_id))])), limit=200, offset=0
-            )
-
-    return [log.message for log in asyncio.run(read())]
+    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(str(flow_run_id))]))
+    return [log.message for log in _run(lambda client: client.read_logs(log_filter=log_filter))]
 
 
 def read_task_runs(flow_run_id: UUID | str) -> list[Any]:
     """The task runs of a flow run."""
-    from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import TaskRunSort
 
-    async def read() -> list[Any]:
-        async with get_client() as client:
-            return await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(str(flow_run_id))])),
-                sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200,
-            )
+    run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[UUID(str(flow_run_id))]))
+    return _run(lambda client: client.read_task_runs(flow_run_filter=run_filter))
 
-    return asyncio.run(read())
+
+def run_in_flow(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn`` (e.g. a task's ``.fn``) inside a throw-away flow run, as tasks run in production."""
+    from prefect import flow
+
+    @flow(name="task-under-test")
+    def wrapper() -> Any:
+        return fn(*args, **kwargs)
+
+    return wrapper()
 
 
 def digits_workspace(root: Path) -> dict[str, Path]:
@@ -124,32 +129,3 @@ def digits_workspace(root: Path) -> dict[str, Path]:
     np.savez(paths["calibration"], logits=logits, labels=calibration.labels, sample_ids=calibration.sample_ids.astype(str))
     return paths
 
-
-def read_artifact_by_id(artifact_id: UUID | str) -> Any:
-    """One artifact, read back from the Prefect API (also one created outside a flow run)."""
-    from prefect import get_client
-    from prefect.client.schemas.objects import Artifact
-
-    async def read() -> Any:
-        async with get_client() as client:
-            # Prefect 3.8.8's client fills omitted filters with null, which this server rejects
-            # (422), and an empty flow-run filter drops artifacts without a run: post the body.
-            response = await client._client.post(
-                "/artifacts/filter",
-                json={"artifacts": {"id": {"any_": [str(artifact_id)]}}, "limit": 1, "offset": 0, "sort": "CREATED_DESC"},
-            )
-            return response.json()
-
-    (artifact,) = asyncio.run(read())
-    return Artifact.model_validate(artifact)
-
-
-def run_in_flow(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn`` (e.g. a task's ``.fn``) inside a throw-away flow run, as tasks run in production."""
-    from prefect import flow
-
-    @flow(name="task-under-test")
-    def wrapper() -> Any:
-        return fn(*args, **kwargs)
-
-    return wrapper()

@@ -234,3 +234,12 @@ def test_unwritable_output_dir(calibrated: dict, digits: dict[str, Path], tmp_pa
         scoring_flow, bundle_dir=str(calibrated["bundle"]), output_dir=str(blocker / "out"), logits_dir=str(digits["queries"])
     )
     assert "3 of 3 query batch(es) failed" in state.message and "writable directory" in state.message
+
+
+def test_the_server_accepts_the_clients_default_filters(calibrated: dict) -> None:
+    """fastapi >= 0.151 rejects the nulls Prefect 3.8.8's client sends (`prefect deploy` then fails)."""
+    from tests.flows.harness import _run
+
+    assert _run(lambda client: client.read_work_pools()) is not None
+    assert _run(lambda client: client.read_flow_runs(limit=None)) is not None
+    assert read_artifacts(calibrated["flow_run_id"])

@@ -1,0 +1,48 @@
+"""prefect.yaml: every deployment loads its entrypoint with valid parameters; scoring runs on a schedule."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.flows import load_flow_from_entrypoint
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    return yaml.safe_load((REPO / "prefect.yaml").read_text())
+
+
+def _deployments(config: dict) -> list[dict]:
+    return config["deployments"]
+
+
+def test_every_deployment_loads_its_entrypoint(config: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # the worker runs from the repository root (the recorded working directory)
+    names = set()
+    for deployment in _deployments(config):
+        flow = load_flow_from_entrypoint(deployment["entrypoint"], use_placeholder_flow=False)
+        assert flow.name == deployment["entrypoint"].split(":")[1].removesuffix("_flow")
+        parameters = deployment.get("parameters", {})
+        signature = inspect.signature(flow.fn)
+        assert set(parameters) <= set(signature.parameters), deployment["name"]
+        flow.validate_parameters(parameters)  # types and required parameters
+        assert deployment["work_pool"]["name"] == "seapig-process"
+        assert deployment.get("description")
+        names.add(f"{flow.name}/{deployment['name']}")
+    assert {"calibration/digits-calibration", "scoring/digits-scoring", "demo/digits-demo"} <= names
+
+
+def test_scoring_runs_on_a_cron_schedule_and_calibration_on_demand(config: dict) -> None:
+    by_name = {d["name"]: d for d in _deployments(config)}
+    schedules = by_name["digits-scoring"]["schedules"]
+    assert len(schedules) == 1 and schedules[0]["cron"] == "0 * * * *" and schedules[0]["active"] is True
+    from prefect.client.schemas.schedules import CronSchedule
+
+    CronSchedule(cron=schedules[0]["cron"], timezone=schedules[0]["timezone"])  # a valid cron expression
+    assert not by_name["digits-calibration"].get("schedules")
+    assert not by_name["digits-demo"].get("schedules")
