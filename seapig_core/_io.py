@@ -118,6 +118,9 @@ def atomic_path(destination: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp creates mode 0600; give the file the permissions open() would (0666 & ~umask),
+    # so a reviewer can read what a worker wrote.
+    os.chmod(tmp, 0o666 & ~_current_umask())
     try:
         yield tmp
         _fsync_file(tmp)
@@ -154,6 +157,13 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _current_umask() -> int:
+    # The only portable way to read the umask is to set it; restore it at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_file(path: Path) -> None:

@@ -34,6 +34,16 @@ def test_atomic_path_replaces_only_on_success(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["data.bin"]
 
 
+def test_atomic_files_get_the_permissions_open_would_give(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with atomic_path(tmp_path / "shared.bin") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.bin").stat().st_mode & 0o777 == 0o640
+
+
 def test_json_round_trip_and_no_nan(tmp_path):
     atomic_write_json(tmp_path / "m.json", {"b": 1, "a": [1.5, None]})
     assert read_json(tmp_path / "m.json") == {"a": [1.5, None], "b": 1}
