@@ -160,8 +160,12 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def _current_umask() -> int:
-    # The only portable way to read the umask is to set it; restore it at once.
-    mask = os.umask(0o022)
+    # Linux reports the umask without changing it (setting it would race with other threads).
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere the only portable way to read it is to set it
     os.umask(mask)
     return mask
 
