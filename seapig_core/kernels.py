@@ -9,10 +9,19 @@ non-finite logit as NaN and averages members.
 Conventions: ``beta = 1 / T`` is the inverse temperature; every score is *higher when more
 uncertain*. Bernoulli kernels receive ``|z|`` for single-logit binary (see
 :meth:`seapig_core.layout.CanonicalLogits.scoring_block`) and signed logits for multilabel.
+
+Performance notes (1M x 100 float32 on the project's 2-core machines; see
+``benchmarks/bench_scores.py``): a fresh block-sized temporary costs more than the arithmetic on
+it (a ~1 MiB allocation comes as new pages, i.e. page faults), so kernels write block
+temporaries into a :class:`Workspace` that :func:`compute_scores` reuses across blocks
+(slots 0 and 1: the kernels; slot 2: the driver's unrolled members). ``torch.topk``,
+``torch.aminmax`` and ``torch.isfinite`` along rows each cost several plain float passes, so
+the top-2 gap and the finiteness test are built from ``eq``/``sub``/``amax``/``sum`` instead.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,13 +33,42 @@ from seapig_core.layout import CanonicalLogits, iter_row_blocks
 __all__ = [
     "KERNELS",
     "ScoreKernel",
+    "Workspace",
     "compute_scores",
     "predict",
     "runner_up",
 ]
 
-CategoricalFn = Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]
-BernoulliFn = Callable[[torch.Tensor, float, float], torch.Tensor]
+
+class Workspace:
+    """Scratch buffers for block temporaries, reused across the row blocks of one call.
+
+    Slot ``i`` is one flat buffer; :meth:`take` returns a contiguous view of it shaped like the
+    requested block, growing the buffer only when a block is larger than any before.
+    """
+
+    def __init__(self) -> None:
+        self._slots: dict[int, torch.Tensor] = {}
+
+    def take(self, slot: int, like: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """A contiguous scratch tensor with the dtype and device of ``like`` and its shape (or
+        ``shape``); its contents are undefined."""
+        shape = tuple(like.shape) if shape is None else tuple(shape)
+        n = math.prod(shape)
+        buf = self._slots.get(slot)
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(n, dtype=like.dtype, device=like.device)
+            self._slots[slot] = buf
+        return buf[:n].view(shape)
+
+
+def _scratch(work: Workspace | None, slot: int, like: torch.Tensor) -> torch.Tensor:
+    """Slot ``slot`` of ``work``, or a fresh tensor when a kernel is called on its own."""
+    return torch.empty_like(like, memory_format=torch.contiguous_format) if work is None else work.take(slot, like)
+
+
+CategoricalFn = Callable[..., torch.Tensor]
+BernoulliFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -42,9 +80,10 @@ class ScoreKernel:
     name : str
         Registry name, e.g. ``"softmax"``.
     categorical : callable
-        ``(z, z_max, beta, T) -> (R,)`` for a block ``z`` of shape ``(R, K)`` and its row max.
+        ``(z, z_max, beta, T, work=None) -> (R,)`` for a block ``z`` of shape ``(R, K)`` and its
+        row max; ``work`` is an optional :class:`Workspace` for block temporaries.
     bernoulli : callable
-        ``(z, beta, T) -> (R,)`` for a block ``z`` of shape ``(R, K)``.
+        ``(z, beta, T, work=None) -> (R,)`` for a block ``z`` of shape ``(R, K)``.
     """
 
     name: str
@@ -55,21 +94,29 @@ class ScoreKernel:
 # --------------------------------------------------------------------------- helpers
 
 
-def _scaled_shift(z: torch.Tensor, z_max: torch.Tensor, beta: float) -> torch.Tensor:
-    """``beta * (z - max z)``: non-positive, so ``exp`` never overflows. One block temporary."""
-    shifted = torch.sub(z, z_max.unsqueeze(1))
+def _scaled_shift(z: torch.Tensor, z_max: torch.Tensor, beta: float, work: Workspace | None) -> torch.Tensor:
+    """``beta * (z - max z)`` in scratch slot 0: non-positive, so ``exp`` never overflows."""
+    shifted = torch.sub(z, z_max.unsqueeze(1), out=_scratch(work, 0, z))
     return shifted if beta == 1.0 else shifted.mul_(beta)
 
 
-def _top2_gap(z: torch.Tensor) -> torch.Tensor:
-    """Gap between the largest and second-largest entry of each row (0 on ties)."""
-    top = torch.topk(z, 2, dim=1, sorted=True).values
-    return top[:, 0] - top[:, 1]
+def _top2_gap(z: torch.Tensor, z_max: torch.Tensor, work: Workspace | None) -> torch.Tensor:
+    """Gap between the largest and second-largest entry of each row (0 on ties).
+
+    Float passes only (``torch.topk(z, 2)`` is ~10x slower here): mark the row maxima, push them
+    to ``-finfo.max`` (``0 * finfo.max = 0`` leaves every other entry exact), and take the row max
+    of ``z - z_max`` again, which is ``z_(2) - z_(1)``. A repeated maximum means a gap of 0.
+    """
+    is_max = torch.eq(z, z_max.unsqueeze(1), out=_scratch(work, 1, z))  # 1.0 at the row maxima
+    n_max = is_max.sum(dim=1)
+    shifted = torch.sub(z, z_max.unsqueeze(1), out=_scratch(work, 0, z))
+    runner_up = shifted.sub_(is_max, alpha=torch.finfo(z.dtype).max).amax(dim=1)
+    return runner_up.neg_().masked_fill_(n_max > 1, 0.0)
 
 
-def _min_abs(z: torch.Tensor) -> torch.Tensor:
+def _min_abs(z: torch.Tensor, work: Workspace | None) -> torch.Tensor:
     """Smallest logit magnitude of each row: the label closest to its decision boundary."""
-    return z.abs().amin(dim=1)
+    return torch.abs(z, out=_scratch(work, 0, z)).amin(dim=1)
 
 
 def _bernoulli_entropy_of_abs(a: torch.Tensor) -> torch.Tensor:
@@ -83,68 +130,71 @@ def _bernoulli_entropy_of_abs(a: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- softmax
 
 
-def _softmax_categorical(z, z_max, beta, T):
+def _softmax_categorical(z, z_max, beta, T, work=None):
     # -max_k softmax(beta z)_k = -1 / sum_k exp(beta (z_k - z_max))
-    return torch.sum(_scaled_shift(z, z_max, beta).exp_(), dim=1).reciprocal_().neg_()
+    return torch.sum(_scaled_shift(z, z_max, beta, work).exp_(), dim=1).reciprocal_().neg_()
 
 
-def _softmax_bernoulli(z, beta, T):
+def _softmax_bernoulli(z, beta, T, work=None):
     # -min_c max(p_c, 1 - p_c) with p = sigmoid(beta z); max(p, 1 - p) = sigmoid(beta |z|)
-    return torch.sigmoid(_min_abs(z) * beta).neg_()
+    return torch.sigmoid(_min_abs(z, work) * beta).neg_()
 
 
 # --------------------------------------------------------------------------- entropy
 
 
-def _entropy_categorical(z, z_max, beta, T):
+def _entropy_categorical(z, z_max, beta, T, work=None):
     # H = log S - sum_k e_k d_k / S, with d = beta (z - z_max), e = exp(d), S = sum e
-    d = _scaled_shift(z, z_max, beta)
-    e = torch.exp(d)
+    d = _scaled_shift(z, z_max, beta, work)
+    e = torch.exp(d, out=_scratch(work, 1, z))
     total = e.sum(dim=1)
     weighted = e.mul_(d).sum(dim=1)
     return torch.log(total).sub_(weighted.div_(total))
 
 
-def _entropy_bernoulli(z, beta, T):
+def _entropy_bernoulli(z, beta, T, work=None):
     # Largest per-label Bernoulli entropy = entropy of the label with the smallest |z|.
-    return _bernoulli_entropy_of_abs(_min_abs(z) * beta)
+    return _bernoulli_entropy_of_abs(_min_abs(z, work) * beta)
 
 
 # --------------------------------------------------------------------------- energy
 
 
-def _energy_categorical(z, z_max, beta, T):
+def _energy_categorical(z, z_max, beta, T, work=None):
     # -T logsumexp(beta z) = -(z_max + T log sum exp(beta (z - z_max)))
-    log_total = torch.sum(_scaled_shift(z, z_max, beta).exp_(), dim=1).log_()
+    log_total = torch.sum(_scaled_shift(z, z_max, beta, work).exp_(), dim=1).log_()
     return log_total.mul_(T).add_(z_max).neg_()
 
 
-def _energy_bernoulli(z, beta, T):
+def _energy_bernoulli(z, beta, T, work=None):
     # -T sum_c softplus(beta z_c); single-logit binary receives |z|.
-    return F.softplus(z * beta).sum(dim=1).mul_(-T)
+    # softplus(x) = logaddexp(x, 0), which (unlike F.softplus) can write into scratch.
+    scaled = z if beta == 1.0 else torch.mul(z, beta, out=_scratch(work, 0, z))
+    softplus = torch.logaddexp(scaled, z.new_zeros(()), out=_scratch(work, 1, z))
+    return softplus.sum(dim=1).mul_(-T)
 
 
 # --------------------------------------------------------------------------- margin
 
 
-def _margin_categorical(z, z_max, beta, T):
+def _margin_categorical(z, z_max, beta, T, work=None):
     # -(z_(1) - z_(2)) / T
-    return _top2_gap(z).mul_(-beta)
+    return _top2_gap(z, z_max, work).mul_(-beta)
 
 
-def _margin_bernoulli(z, beta, T):
+def _margin_bernoulli(z, beta, T, work=None):
     # -min_c |z_c| / T: the logit of a label is its margin against the boundary.
-    return _min_abs(z).mul_(-beta)
+    return _min_abs(z, work).mul_(-beta)
 
 
 # --------------------------------------------------------------------------- max logit
 
 
-def _max_logit_categorical(z, z_max, beta, T):
+def _max_logit_categorical(z, z_max, beta, T, work=None):
     return z_max * (-beta)
 
 
-def _max_logit_bernoulli(z, beta, T):
+def _max_logit_bernoulli(z, beta, T, work=None):
     # -max_c z_c / T; single-logit binary receives |z|, so it scores -|z| / T.
     return z.amax(dim=1).mul_(-beta)
 
@@ -152,14 +202,14 @@ def _max_logit_bernoulli(z, beta, T):
 # --------------------------------------------------------------------------- certainty ratio
 
 
-def _certainty_ratio_categorical(z, z_max, beta, T):
+def _certainty_ratio_categorical(z, z_max, beta, T, work=None):
     # p_(2) / p_(1) = exp(-beta (z_(1) - z_(2))), never a division of probabilities.
-    return _top2_gap(z).mul_(-beta).exp_()
+    return _top2_gap(z, z_max, work).mul_(-beta).exp_()
 
 
-def _certainty_ratio_bernoulli(z, beta, T):
+def _certainty_ratio_bernoulli(z, beta, T, work=None):
     # min(p, 1 - p) / max(p, 1 - p) = exp(-beta |z|); the largest over labels.
-    return _min_abs(z).mul_(-beta).exp_()
+    return _min_abs(z, work).mul_(-beta).exp_()
 
 
 KERNELS: dict[str, ScoreKernel] = {
@@ -201,14 +251,44 @@ def compute_scores(canon: CanonicalLogits, kernel: ScoreKernel, temperature: flo
     n, m = canon.n_samples, canon.n_members
     out = torch.empty(n, dtype=canon.values.dtype, device=canon.values.device)
     categorical = canon.family == "categorical"
+    work = Workspace()  # block temporaries, reused by every block of this call
     for start, stop in iter_row_blocks(n, canon.block_rows()):
-        z = canon.scoring_block(start, stop)
-        z_min, z_max = torch.aminmax(z, dim=1)
-        scores = kernel.categorical(z, z_max, beta, T) if categorical else kernel.bernoulli(z, beta, T)
-        # NaN propagates through min/max, so this also catches NaN logits.
-        scores = scores.masked_fill_(~(torch.isfinite(z_min) & torch.isfinite(z_max)), float("nan"))
+        z = _scoring_block(canon, start, stop, work)
+        if categorical:
+            scores = kernel.categorical(z, z.amax(dim=1), beta, T, work)
+        else:
+            scores = kernel.bernoulli(z, beta, T, work)
+        scores = _nan_where_not_finite(scores, z)
         out[start:stop] = scores if m == 1 else scores.view(-1, m).mean(dim=1)
     return out
+
+
+def _scoring_block(canon: CanonicalLogits, start: int, stop: int, work: Workspace) -> torch.Tensor:
+    """:meth:`CanonicalLogits.scoring_block`, with the member unrolling copied into scratch.
+
+    With several members the ``(B, K, M) -> (B * M, K)`` unrolling is a copy; writing it into a
+    reused buffer (slot 2) avoids a fresh block allocation per block. The result is the same.
+    """
+    if canon.n_members == 1:
+        return canon.scoring_block(start, stop)  # a view (|z| for single-logit binary)
+    block = canon.values[start:stop]
+    b, k, m = block.shape
+    flat = work.take(2, block, (b * m, k))
+    flat.view(b, m, k).copy_(block.transpose(1, 2))
+    return flat.abs_() if canon.single_logit else flat
+
+
+def _nan_where_not_finite(scores: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Set ``scores`` to NaN, in place, on the rows of ``z`` that hold a NaN or an infinity.
+
+    The sum of a block is finite unless it holds a non-finite value (or the sum overflows), so
+    on the CPU one fast reduction clears a block in the usual case (``isfinite`` on the block,
+    or ``amin``/``amax`` of it, costs several times more); a block that fails it gets the exact
+    per-row test. Elsewhere the exact test runs always, to avoid a device sync per block.
+    """
+    if z.device.type == "cpu" and math.isfinite(float(z.sum())):
+        return scores
+    return scores.masked_fill_(~torch.isfinite(z).all(dim=1), float("nan"))
 
 
 def _mean_probabilities(block: torch.Tensor, family: str, beta: float) -> torch.Tensor:
