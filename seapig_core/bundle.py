@@ -505,25 +505,20 @@ def fit_selector(
 
     split = None
     X_thr, Y_thr = logits, labels
-    T = temperature
-    temperature_fit = None
+    primary = make_score(names[0], temperature=temperature, task=task, per_member=per_member)
     if labels is not None and temperature is None:
         first, second = split_calibration(n, fraction=split_fraction, seed=seed)
-        reference = make_score(names[0], task=task, per_member=per_member).fit(_index(logits, first), _index(labels, first))
-        T, temperature_fit = reference.temperature, reference.temperature_fit
+        primary.fit(_index(logits, first), _index(labels, first))  # the temperature split
         X_thr, Y_thr = _index(logits, second), _index(labels, second)
         split = {"fraction": float(split_fraction), "seed": int(seed), "samples_temperature": int(first.size), "samples_threshold": int(second.size)}
+    temperature_fit = primary.temperature_fit
 
-    fitted: dict[str, LogitScore] = {}
-    for name in names:
-        score = make_score(name, temperature=T, task=task, per_member=per_member).fit(X_thr)
-        score.set_threshold(q)
-        score.temperature_fit = temperature_fit
-        if Y_thr is not None:
-            # Keep the held-out labels with the scores: the bundle can redraw its evidence.
-            score.labels = check_labels(Y_thr, canonicalize(X_thr, task, per_member, name="logits"), name="labels")
-        fitted[name] = score
-    primary = fitted[names[0]]
+    # Every score is calibrated on the threshold split (with its labels, so the bundle can
+    # redraw its evidence) at the primary's temperature.
+    fitted: dict[str, LogitScore] = {names[0]: primary.calibrate(X_thr, Y_thr).set_threshold(q)}
+    for name in names[1:]:
+        score = make_score(name, temperature=primary.temperature, task=task, per_member=per_member)
+        fitted[name] = score.calibrate(X_thr, Y_thr).set_threshold(q)
     T_used = primary.T
     primary_scores = primary.scores.detach().to("cpu", dtype=torch.float64).numpy()  # type: ignore[union-attr]
 

@@ -118,9 +118,11 @@ class LogitScore:
     -----
     **Split protocol.** Fitting the temperature and choosing the threshold on the same labelled
     samples biases both. Split the labelled data with :func:`seapig_core.risk.split_calibration`,
-    fit the temperature on one part, and set the threshold on the other: both
-    :meth:`set_threshold` and :meth:`set_risk_threshold` take logits ``X`` (and labels ``Y``),
-    scored at the fitted temperature, instead of the calibration set.
+    fit the temperature on one part, and make the other the calibration set with
+    :meth:`calibrate` (``score.fit(X_a, Y_a).calibrate(X_b, Y_b)``), whose scores then set the
+    threshold and the metrics. For a one-off threshold, :meth:`set_threshold` and
+    :meth:`set_risk_threshold` also take logits ``X`` (and labels ``Y``), scored at the fitted
+    temperature, instead of the calibration set.
 
     Examples
     --------
@@ -277,6 +279,36 @@ class LogitScore:
         if labels is not None:
             self.temperature_fit = fit_temperature(canon, labels)
             self.temperature = self.temperature_fit.temperature
+        self._store_calibration(canon, labels)
+        return self
+
+    def calibrate(self, X: Any, Y: Any = None) -> LogitScore:
+        """Replace the calibration set with ``X`` (and ``Y``), scored at the current temperature.
+
+        Unlike :meth:`fit`, labels never refit the temperature: this is the second half of the
+        split protocol, ``score.fit(X_a, Y_a).calibrate(X_b, Y_b).set_threshold(q)``, where the
+        temperature comes from one labelled split and the calibration scores, threshold and
+        metrics from another (see the class docstring). It also serves a score built with a
+        known temperature, ``SoftmaxScore(temperature=1.7).calibrate(X, Y)``.
+
+        Parameters
+        ----------
+        X : torch.Tensor or numpy.ndarray
+            Finite calibration logits; after :meth:`fit`, with the fitted number per sample.
+        Y : torch.Tensor or numpy.ndarray, optional
+            Their labels, kept for :meth:`set_risk_threshold` and the metrics.
+
+        Returns
+        -------
+        self
+            Any threshold is dropped: it belonged to the previous calibration set.
+        """
+        canon = canonicalize(X, self.task, self.per_member, name="X", n_units=self.n_units, require_finite=True)
+        labels = None if Y is None else check_labels(Y, canon, name="Y")
+        self._store_calibration(canon, labels)
+        return self
+
+    def _store_calibration(self, canon: CanonicalLogits, labels: torch.Tensor | None) -> None:
         self.logits = canon.values.reshape(canon.input_shape)
         self.labels = labels
         self.n_units = canon.n_units
@@ -284,7 +316,6 @@ class LogitScore:
         # A new calibration set invalidates a threshold taken from the old one.
         self.threshold = self.quantile = None
         self.risk_threshold = None
-        return self
 
     # ------------------------------------------------------------------ scoring
 

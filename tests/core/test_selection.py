@@ -217,3 +217,37 @@ def test_no_warning_for_normal_use(fitted):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         score.set_threshold(0.95).select(query)
+
+
+def test_calibrate_keeps_the_temperature_and_replaces_the_calibration_set(cifar100):
+    logits, labels = cifar100
+    a, b = slice(0, 3000), slice(3000, 6000)
+    score = SoftmaxScore().fit(logits[a], labels[a])
+    fitted_t, fit_record = score.temperature, score.temperature_fit
+    score.set_threshold(0.9)
+    score.calibrate(logits[b], labels[b])
+    assert score.temperature == fitted_t and score.temperature_fit == fit_record
+    assert score.get_threshold() is None  # belonged to the previous calibration set
+    torch.testing.assert_close(score.scores, SoftmaxScore(temperature=fitted_t).score(logits[b]))
+    torch.testing.assert_close(score.labels, torch.from_numpy(labels[b]))
+    # The threshold now comes from the second split only.
+    score.set_threshold(0.9)
+    assert score.get_threshold() == pytest.approx(np.quantile(score.scores.numpy().astype(np.float64), 0.9))
+    score.set_risk_threshold(0.1)
+    assert score.risk_threshold.n_samples == 3000
+
+
+def test_calibrate_checks_its_input_against_the_fitted_score(cifar100):
+    logits, _ = cifar100
+    score = SoftmaxScore().fit(logits[:100])
+    with pytest.raises(ValueError, match=r"The 'X' parameter must have 100 logit\(s\) per sample"):
+        score.calibrate(logits[:10, :50])
+    bad = logits[:10].copy()
+    bad[2, 3] = np.nan
+    with pytest.raises(ValueError, match=r"The 'X' parameter must contain only finite values"):
+        score.calibrate(bad)
+    with pytest.raises(ValueError, match=r"The 'Y' parameter must have one entry per sample \(10\)"):
+        score.calibrate(logits[:10], np.zeros(9, dtype=int))
+    # Without fit, calibrate uses the constructor's temperature.
+    fresh = SoftmaxScore(temperature=2.0).calibrate(logits[:50])
+    assert fresh.temperature == 2.0 and fresh.n_units == 100 and fresh.temperature_fit is None
