@@ -379,7 +379,7 @@ def extract_from_factories(
     from seapig_core.extract import extract_logits
 
     net = call_factory(model, model_kwargs, name="model")
-    if not isinstance(net, torch.nn.Module) and not callable(getattr(net, "logits", None)):
+    if not isinstance(net, torch.nn.Module) or not callable(getattr(net, "logits", None)):
         raise ValueError(f"The 'model' factory {model!r} must return a torch.nn.Module with .logits(x). Got a {type(net).__name__}.")
     loaders = _loaders(call_factory(data, data_kwargs, name="data"), default_batch, data)
     sizes = {batch: _rows(loader) for batch, loader in loaders.items()}

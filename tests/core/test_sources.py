@@ -184,3 +184,5 @@ def test_extract_from_factories(tmp_path: Path) -> None:
         extract_from_factories(f"{here}:tiny_model", f"{here}:tiny_batches", tmp_path, data_kwargs={"n": 0})
     with pytest.raises(ValueError, match="must return a torch.nn.Module"):
         extract_from_factories(f"{here}:tiny_batches", f"{here}:tiny_batches", tmp_path)
+    with pytest.raises(ValueError, match=r"must return a torch.nn.Module with .logits\(x\)\. Got a Linear"):
+        extract_from_factories("torch.nn:Linear", f"{here}:tiny_batches", tmp_path, model_kwargs={"in_features": 3, "out_features": 2})
