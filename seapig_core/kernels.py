@@ -253,7 +253,9 @@ def compute_scores(canon: CanonicalLogits, kernel: ScoreKernel, temperature: flo
     categorical = canon.family == "categorical"
     work = Workspace()  # block temporaries, reused by every block of this call
     for start, stop in iter_row_blocks(n, canon.block_rows()):
-        z = _scoring_block(canon, start, stop, work)
+        # Several members are unrolled by a copy: into scratch slot 2, reused by every block.
+        unrolled = None if m == 1 else work.take(2, canon.values, ((stop - start) * m, canon.n_units))
+        z = canon.scoring_block(start, stop, out=unrolled)
         if categorical:
             scores = kernel.categorical(z, z.amax(dim=1), beta, T, work)
         else:
@@ -261,21 +263,6 @@ def compute_scores(canon: CanonicalLogits, kernel: ScoreKernel, temperature: flo
         scores = _nan_where_not_finite(scores, z)
         out[start:stop] = scores if m == 1 else scores.view(-1, m).mean(dim=1)
     return out
-
-
-def _scoring_block(canon: CanonicalLogits, start: int, stop: int, work: Workspace) -> torch.Tensor:
-    """:meth:`CanonicalLogits.scoring_block`, with the member unrolling copied into scratch.
-
-    With several members the ``(B, K, M) -> (B * M, K)`` unrolling is a copy; writing it into a
-    reused buffer (slot 2) avoids a fresh block allocation per block. The result is the same.
-    """
-    if canon.n_members == 1:
-        return canon.scoring_block(start, stop)  # a view (|z| for single-logit binary)
-    block = canon.values[start:stop]
-    b, k, m = block.shape
-    flat = work.take(2, block, (b * m, k))
-    flat.view(b, m, k).copy_(block.transpose(1, 2))
-    return flat.abs_() if canon.single_logit else flat
 
 
 def _nan_where_not_finite(scores: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -103,14 +103,22 @@ class CanonicalLogits:
         row_bytes = self.n_units * self.n_members * self.values.element_size()
         return max(64, _BLOCK_BYTES // max(row_bytes, 1))
 
-    def scoring_block(self, start: int, stop: int) -> torch.Tensor:
+    def scoring_block(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``start:stop`` as a 2-D ``(rows * M, K)`` block, members unrolled row-major.
 
-        Single-logit binary logits are folded to ``|z|``: every score of one logit depends
-        only on its magnitude, and the multilabel formulas then give the binary ones.
+        With one member the block is a view. With several, unrolling is a copy, written into
+        ``out`` (shape ``(rows * M, K)``, the values' dtype) when given, so that callers can
+        reuse one buffer across blocks. Single-logit binary logits are folded to ``|z|``: every
+        score of one logit depends only on its magnitude, and the multilabel formulas then give
+        the binary ones.
         """
-        block = flatten_members(self.values[start:stop])
-        return block.abs() if self.single_logit else block
+        block = self.values[start:stop]
+        b, k, m = block.shape
+        if out is None or m == 1:
+            flat = flatten_members(block)
+            return flat.abs() if self.single_logit else flat
+        out.view(b, m, k).copy_(block.transpose(1, 2))
+        return out.abs_() if self.single_logit else out
 
     def finite_rows(self) -> torch.Tensor:
         """Boolean ``(N,)``: True where every logit of the sample (all members) is finite."""
