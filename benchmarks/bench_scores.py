@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -274,7 +274,7 @@ def time_secondary(ours: Worker, reps: int, threads: list[int], guard: NoiseGuar
 
 def paired_ratio(num: list[float], den: list[float]) -> float:
     """Median of per-repetition ratios ``num / den`` (measured side by side)."""
-    return _median([a / b for a, b in zip(num, den)])
+    return _median([a / b for a, b in zip(num, den, strict=True)])
 
 
 def floor_per_rep(floor: list[float]) -> list[float]:
@@ -304,7 +304,7 @@ def render(ctx: dict) -> str:
         f"Noise: {ctx['noise_main']}.",
         "",
         f"| score | ours (ms) | seapig 0.3.0 (ms) | speedup, {default} threads "
-        + (f"| speedup, 1 thread (ours / seapig ms) " if one else "")
+        + ("| speedup, 1 thread (ours / seapig ms) " if one else "")
         + "| ours / floor | ours peak extra (MiB) | seapig peak extra (MiB) | max abs diff vs seapig | target met |",
         "|---|---:|---:|---:|" + ("---:|" if one else "") + "---:|---:|---:|---:|---|",
     ]
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = {
         "command": command,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "ours": ours.info,
         "seapig": theirs.info,

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import re
 from collections.abc import Sequence
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 
 from seapig_core._io import atomic_write_json, check_file_stem, ensure_writable_dir, file_sha256, read_json
+from seapig_core._validation import check_open_unit
 from seapig_core._version import __version__
 from seapig_core.layout import canonicalize, check_labels
 from seapig_core.persistence import load_score
@@ -398,12 +398,6 @@ def _check_score_names(scores: Any) -> list[str]:
     return list(names)
 
 
-def _check_optional_unit(value: Any, name: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 < float(value) < 1.0):
-        raise ValueError(f"The '{name}' parameter must be None or in (0, 1). Got {value!r} instead.")
-    return float(value)
 
 
 def _finite_or_none(value: Any) -> float | None:
@@ -493,9 +487,8 @@ def fit_selector(
     from seapig_core.risk import split_calibration
 
     names = _check_score_names(scores)
-    target_risk = _check_optional_unit(target_risk, "target_risk")
-    if _check_optional_unit(delta, "delta") is None:
-        raise ValueError("The 'delta' parameter must be in (0, 1). Got None instead.")
+    target_risk = check_open_unit(target_risk, "target_risk", allow_none=True)
+    check_open_unit(delta, "delta")
     if target_risk is not None and labels is None:
         raise ValueError("The 'target_risk' parameter needs labelled calibration logits. Got no 'labels'.")
     canon = canonicalize(logits, task, per_member, name="logits", require_finite=True)

@@ -67,6 +67,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from seapig_core._validation import check_bool, check_positive_int, check_temperature
 from seapig_core.kernels import predict
 from seapig_core.layout import CanonicalLogits, canonicalize, check_labels, iter_row_blocks
 from seapig_core.temperature import negative_log_likelihood as _canonical_nll
@@ -93,29 +94,10 @@ MULTILABEL_LOSSES: tuple[str, ...] = ("subset", "hamming")
 # =========================================================================== validation
 
 
-def _check_temperature(temperature: Any) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(
-            f"The 'temperature' parameter must be a positive float. Got {type(temperature).__name__} instead."
-        )
-    value = float(temperature)
-    if not (math.isfinite(value) and value > 0.0):
-        raise ValueError(f"The 'temperature' parameter must be a positive finite float. Got {temperature!r} instead.")
-    return value
 
 
-def _check_bool(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"The '{name}' parameter must be a bool. Got {type(value).__name__} instead.")
-    return bool(value)
 
 
-def _check_n_bins(n_bins: Any) -> int:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)):
-        raise TypeError(f"The 'n_bins' parameter must be a positive integer. Got {type(n_bins).__name__} instead.")
-    if n_bins < 1:
-        raise ValueError(f"The 'n_bins' parameter must be a positive integer. Got {n_bins!r} instead.")
-    return int(n_bins)
 
 
 def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
@@ -128,8 +110,8 @@ def _prepare(
     logits: Any, labels: Any, task: str, temperature: Any, per_member: Any, *, require_finite: bool = True
 ) -> tuple[CanonicalLogits, torch.Tensor, float]:
     """Validate the shared arguments: canonical logits, canonical labels, temperature."""
-    T = _check_temperature(temperature)
-    per_member = _check_bool(per_member, "per_member")
+    T = check_temperature(temperature)
+    per_member = check_bool(per_member, "per_member")
     canon = canonicalize(logits, task, per_member, name="logits", require_finite=require_finite)
     y = check_labels(labels, canon, name="labels")
     return canon, y, T
@@ -297,7 +279,7 @@ def brier_score(
     float or numpy.ndarray
     """
     canon, y, T = _prepare(logits, labels, task, temperature, per_member)
-    average = _check_bool(average, "average")
+    average = check_bool(average, "average")
     multilabel = canon.family == "bernoulli" and not canon.single_logit
     two_logit_binary = canon.family == "categorical" and canon.task == "binary"
     totals = np.zeros(canon.n_units if multilabel else 1)
@@ -416,9 +398,9 @@ def calibration_bins(
     CalibrationBins or list of CalibrationBins
     """
     canon, y, T = _prepare(logits, labels, task, temperature, per_member)
-    n_bins = _check_n_bins(n_bins)
+    n_bins = check_positive_int(n_bins, "n_bins")
     binning = _check_choice(binning, "binning", BINNINGS)
-    pooled = _check_bool(pooled, "pooled")
+    pooled = check_bool(pooled, "pooled")
     conf, correct = _confidence_correct(canon, y, T)
     if conf.shape[1] == 1 or pooled:
         return _binned(conf.reshape(-1), correct.reshape(-1), n_bins, binning)
@@ -427,9 +409,9 @@ def calibration_bins(
 
 def _calibration_error(kind: str, logits, labels, task, temperature, per_member, n_bins, binning, average):
     canon, y, T = _prepare(logits, labels, task, temperature, per_member)
-    n_bins = _check_n_bins(n_bins)
+    n_bins = check_positive_int(n_bins, "n_bins")
     binning = _check_choice(binning, "binning", BINNINGS)
-    average = _check_bool(average, "average")
+    average = check_bool(average, "average")
     conf, correct = _confidence_correct(canon, y, T)
     values = np.array(
         [getattr(_binned(conf[:, c], correct[:, c], n_bins, binning), kind) for c in range(conf.shape[1])]

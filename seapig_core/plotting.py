@@ -13,6 +13,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from seapig_core._validation import check_bool, check_positive_int, check_temperature
+
 __all__ = ["figure_to_png", "plot_reliability_diagram", "plot_risk_coverage", "plot_score_density"]
 
 _CALIBRATION_COLOR = "tab:blue"
@@ -77,8 +79,7 @@ def plot_score_density(
     Non-finite scores (samples with non-finite logits) cannot be placed on the axis; they are
     counted as rejected and reported in the legend.
     """
-    if not isinstance(bins, (int, np.integer)) or isinstance(bins, bool) or bins < 1:
-        raise ValueError(f"The 'bins' parameter must be a positive integer. Got {bins!r} instead.")
+    bins = check_positive_int(bins, "bins")
     series = [("calibration", _as_numpy(calibration_scores, "calibration_scores"), _CALIBRATION_COLOR)]
     if query_scores is not None:
         series.append(("query", _as_numpy(query_scores, "query_scores"), _QUERY_COLOR))
@@ -190,12 +191,12 @@ def plot_reliability_diagram(
     ----------
     Guo et al., "On Calibration of Modern Neural Networks", ICML 2017 (Figure 1).
     """
-    from seapig_core.metrics import _check_temperature, calibration_bins
+    from seapig_core.metrics import calibration_bins
 
     main = calibration_bins(logits, labels, task, temperature, per_member, n_bins, binning, pooled=True)
     compare = None
     if compare_temperature is not None:
-        compare_temperature = _check_temperature(compare_temperature)
+        compare_temperature = check_temperature(compare_temperature, name="compare_temperature")
         compare = calibration_bins(logits, labels, task, compare_temperature, per_member, n_bins, binning, pooled=True)
     pooled = " pooled" if task == "multilabel" else ""
 
@@ -297,8 +298,7 @@ def plot_risk_coverage(
 
     if not isinstance(rc, RiskCoverage):
         raise TypeError(f"The 'rc' parameter must be a RiskCoverage (see risk_coverage). Got {type(rc).__name__} instead.")
-    if not isinstance(oracle, (bool, np.bool_)):
-        raise TypeError(f"The 'oracle' parameter must be a bool. Got {type(oracle).__name__} instead.")
+    oracle = check_bool(oracle, "oracle")
 
     fig, ax = _new_axes(ax, figsize=(7.0, 4.5))
     ax.plot(

@@ -36,13 +36,13 @@ split the labelled data (:func:`split_calibration`).
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 from scipy import stats
 
+from seapig_core._validation import check_open_unit
 from seapig_core.metrics import _check_scores_errors, _score_dtype
 
 __all__ = [
@@ -102,13 +102,6 @@ class RiskThreshold:
         return asdict(self)
 
 
-def _check_open_unit(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"The '{name}' parameter must be a float in (0, 1). Got {type(value).__name__} instead.")
-    value = float(value)
-    if not (0.0 < value < 1.0):  # also rejects NaN
-        raise ValueError(f"The '{name}' parameter must be in (0, 1). Got {value!r} instead.")
-    return value
 
 
 def binomial_upper_bound(n_errors: Any, n_trials: Any, delta: float) -> np.ndarray | float:
@@ -125,7 +118,7 @@ def binomial_upper_bound(n_errors: Any, n_trials: Any, delta: float) -> np.ndarr
     delta : float
         In ``(0, 1)``.
     """
-    delta = _check_open_unit(delta, "delta")
+    delta = check_open_unit(delta, "delta")
     k = np.asarray(n_errors, dtype=np.float64)
     n = np.asarray(n_trials, dtype=np.float64)
     if np.any(k < 0) or np.any(k > n) or np.any(k != np.round(k)) or np.any(n != np.round(n)):
@@ -192,8 +185,8 @@ def guaranteed_risk_threshold(
     (True, True)
     """
     s, e, selectable = _check_scores_errors(scores, errors)
-    target_risk = _check_open_unit(target_risk, "target_risk")
-    delta = _check_open_unit(delta, "delta")
+    target_risk = check_open_unit(target_risk, "target_risk")
+    delta = check_open_unit(delta, "delta")
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"The 'method' parameter must be one of {list(METHODS)}. Got {method!r} instead.")
     e_fin = e[selectable]
@@ -282,7 +275,7 @@ def split_calibration(n: int, fraction: float = 0.5, seed: int | None = 0) -> tu
         raise TypeError(f"The 'n' parameter must be an integer >= 2. Got {type(n).__name__} instead.")
     if n < 2:
         raise ValueError(f"The 'n' parameter must be an integer >= 2. Got {n!r} instead.")
-    fraction = _check_open_unit(fraction, "fraction")
+    fraction = check_open_unit(fraction, "fraction")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
         raise TypeError(f"The 'seed' parameter must be an integer or None. Got {type(seed).__name__} instead.")
     n_first = min(max(int(round(fraction * n)), 1), n - 1)

@@ -24,3 +24,20 @@ def cifar100() -> tuple[np.ndarray, np.ndarray]:
         probs = record["predictions"].astype(np.float64)
         labels = record["ground_truth"].astype(np.int64)
     return np.log(probs).astype(np.float32), labels
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """One temporary Prefect server for the whole session, shared by tests/tasks and tests/flows."""
+    from tests.flows.harness import temporary_prefect_server
+
+    with temporary_prefect_server(tmp_path_factory.mktemp("prefect-storage")):
+        yield
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Trained digits model, calibration logits (.npz) and a directory of three query batches."""
+    from tests.flows.harness import digits_workspace
+
+    return digits_workspace(tmp_path_factory.getbasetemp() / "digits-workspace")

@@ -46,6 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from seapig_core._io import ensure_writable_dir
+from seapig_core._validation import check_positive_int
 from seapig_core._version import __version__
 from seapig_core.examples._weights import load_tensors, save_tensors
 
@@ -172,10 +173,6 @@ class ImageDataset(Dataset):
         return item
 
 
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"The '{name}' parameter must be a positive integer. Got {value!r} instead.")
-    return int(value)
 
 
 def digits_loader(split: str = "calibration", batch_size: int = 128) -> DataLoader:
@@ -198,7 +195,7 @@ def digits_loader(split: str = "calibration", batch_size: int = 128) -> DataLoad
         raise ValueError(f"The 'split' parameter must be one of {sorted(splits)}. Got {split!r} instead.")
     data = splits[split]
     dataset = ImageDataset(data.images, data.sample_ids, data.labels)
-    return DataLoader(dataset, batch_size=_check_positive_int(batch_size, "batch_size"), shuffle=False)
+    return DataLoader(dataset, batch_size=check_positive_int(batch_size, "batch_size"), shuffle=False)
 
 
 # ----------------------------------------------------------------------------- query batches
@@ -288,7 +285,7 @@ def query_batches(n_batches: int = 3, seed: int = 0, corrupted_fraction: float =
     -------
     dict[str, QueryBatch]
     """
-    n_batches = _check_positive_int(n_batches, "n_batches")
+    n_batches = check_positive_int(n_batches, "n_batches")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"The 'seed' parameter must be a non-negative integer. Got {seed!r} instead.")
     if not (isinstance(corrupted_fraction, (int, float)) and 0.0 <= corrupted_fraction < 1.0):
@@ -329,7 +326,7 @@ def query_loaders(
 
     Batches are ``{"image": (B, 8, 8), "sample_id": list[str]}``.
     """
-    batch_size = _check_positive_int(batch_size, "batch_size")
+    batch_size = check_positive_int(batch_size, "batch_size")
     return {
         name: DataLoader(ImageDataset(batch.images, batch.sample_ids), batch_size=batch_size, shuffle=False)
         for name, batch in query_batches(n_batches, seed, corrupted_fraction).items()
@@ -513,7 +510,7 @@ def digits_model(
     DigitsNet
         In eval mode.
     """
-    config = TrainConfig(epochs=_check_positive_int(epochs, "epochs"), seed=int(seed))
+    config = TrainConfig(epochs=check_positive_int(epochs, "epochs"), seed=int(seed))
     directory = ensure_writable_dir(default_cache_dir() if cache_dir is None else cache_dir, "cache_dir")
     fingerprint = config.fingerprint()
     path = _weights_path(directory, fingerprint)

@@ -24,8 +24,6 @@ tensor([-0.9647, -0.3672])
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from seapig_core._validation import check_bool, check_open_unit, check_temperature
 from seapig_core.kernels import KERNELS, ScoreKernel, compute_scores, predict, runner_up
 from seapig_core.layout import CanonicalLogits, canonicalize, check_labels, check_task
 from seapig_core.temperature import TemperatureFit, fit_temperature
@@ -54,26 +53,8 @@ __all__ = [
 ]
 
 
-def _check_quantile(q: Any) -> float:
-    if isinstance(q, bool) or not isinstance(q, numbers.Real):
-        raise TypeError(f"The 'q' parameter must be a float in (0, 1). Got {type(q).__name__} instead.")
-    q = float(q)
-    if not (0.0 < q < 1.0):  # also rejects NaN
-        raise ValueError(f"The 'q' parameter must be in (0, 1). Got {q!r} instead.")
-    return q
 
 
-def _check_temperature(temperature: Any) -> float | None:
-    if temperature is None:
-        return None
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(
-            f"The 'temperature' parameter must be a positive float or None. Got {type(temperature).__name__} instead."
-        )
-    value = float(temperature)
-    if not (math.isfinite(value) and value > 0.0):
-        raise ValueError(f"The 'temperature' parameter must be a positive finite float. Got {temperature!r} instead.")
-    return value
 
 
 class LogitScore:
@@ -152,11 +133,9 @@ class LogitScore:
     name: ClassVar[str] = ""
 
     def __init__(self, temperature: float | None = None, task: str = "multiclass", per_member: bool = False) -> None:
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_temperature(temperature, allow_none=True)
         self.task = check_task(task)
-        if not isinstance(per_member, (bool, np.bool_)):
-            raise TypeError(f"The 'per_member' parameter must be a bool. Got {type(per_member).__name__} instead.")
-        self.per_member = bool(per_member)
+        self.per_member = check_bool(per_member, "per_member")
         self.logits: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
@@ -407,7 +386,7 @@ class LogitScore:
             If ``q`` is not in (0, 1) or is NaN, no calibration scores are available (and no
             ``X``), or ``X`` is invalid.
         """
-        q = _check_quantile(q)
+        q = check_open_unit(q, "q")
         if X is not None:
             canon = canonicalize(X, self.task, self.per_member, name="X", n_units=self.n_units, require_finite=True)
             scores = self._scores(canon).detach().to("cpu", dtype=torch.float64).numpy()
@@ -466,10 +445,10 @@ class LogitScore:
             "infeasible", when no threshold meets the target.
         """
         from seapig_core.metrics import prediction_errors
-        from seapig_core.risk import _check_open_unit, guaranteed_risk_threshold
+        from seapig_core.risk import guaranteed_risk_threshold
 
-        target_risk = _check_open_unit(target_risk, "target_risk")
-        delta = _check_open_unit(delta, "delta")
+        target_risk = check_open_unit(target_risk, "target_risk")
+        delta = check_open_unit(delta, "delta")
         if (X is None) != (Y is None):
             given, missing = ("X", "Y") if Y is None else ("Y", "X")
             raise ValueError(

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from seapig_core import metrics
-from seapig_core.bundle import BUNDLE_SCHEMA_VERSION, MANIFEST_NAME, SelectorBundle, describe_bundle, fit_selector, load_bundle
+from seapig_core.bundle import (
+    BUNDLE_SCHEMA_VERSION,
+    MANIFEST_NAME,
+    SelectorBundle,
+    describe_bundle,
+    fit_selector,
+    load_bundle,
+)
 from seapig_core.risk import split_calibration
 from seapig_core.scores import SoftmaxScore
 
@@ -74,8 +81,9 @@ def test_without_labels_or_with_a_given_temperature_everything_sets_the_threshol
         ({"scores": ["softmax", "softmax"]}, ValueError, "must not repeat"),
         ({"scores": ["mahalanobis"]}, ValueError, "must name scores among"),
         ({"q": 1.5}, ValueError, "'q' parameter must be in"),
-        ({"target_risk": 2.0}, ValueError, "'target_risk' parameter must be None or in"),
-        ({"delta": None}, ValueError, "'delta' parameter must be in"),
+        ({"target_risk": 2.0}, ValueError, r"'target_risk' parameter must be in \(0, 1\)\. Got 2.0 instead"),
+        ({"target_risk": "5%"}, TypeError, r"'target_risk' parameter must be a float in \(0, 1\) or None\. Got str"),
+        ({"delta": None}, TypeError, r"'delta' parameter must be a float in \(0, 1\)\. Got NoneType instead"),
     ],
 )
 def test_fit_selector_rejects_bad_arguments(kwargs: dict, error: type, message: str) -> None:

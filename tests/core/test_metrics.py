@@ -12,14 +12,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from matplotlib.figure import Figure
-from scipy.special import expit, log_softmax, logsumexp, softmax
+from scipy.special import expit, log_softmax, softmax
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
 from seapig_core import metrics as M
+from seapig_core.layout import canonicalize, check_labels
 from seapig_core.plotting import plot_reliability_diagram, plot_risk_coverage
 from seapig_core.risk import guaranteed_risk_threshold
 from seapig_core.temperature import fit_temperature
-from seapig_core.layout import canonicalize, check_labels
 
 RNG = np.random.default_rng(1234)
 
@@ -435,7 +435,7 @@ def test_risk_coverage_non_finite_scores_are_never_selected():
 def test_float32_scores_get_float32_thresholds():
     scores = torch.tensor([0.5, 0.25, 0.25, 0.75], dtype=torch.float32) + 1e-8
     rc = M.risk_coverage(scores, np.array([0.0, 1.0, 0.0, 1.0]))
-    for t, c in zip(rc.thresholds, rc.coverage):
+    for t, c in zip(rc.thresholds, rc.coverage, strict=True):
         assert float((scores < t).float().mean()) == c  # torch compares in float32
         assert np.float32(t) == t
 

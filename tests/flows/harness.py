@@ -1,9 +1,8 @@
 """Shared test support for tests/tasks and tests/flows: one temporary Prefect server, the digits workspace.
 
 Starting Prefect's test server costs about 15 s here, so both test directories share one per
-session: :func:`acquire_server` starts it on first use and the last :func:`release_server`
-stops it. Results and cache records go to a temporary directory, never to the user's
-``PREFECT_HOME``.
+session (the ``prefect_server`` fixture in tests/conftest.py). Results and cache records go to a
+temporary directory, never to the user's ``PREFECT_HOME``.
 """
 
 from __future__ import annotations
@@ -16,35 +15,18 @@ from uuid import UUID
 
 import numpy as np
 
-_stack: contextlib.ExitStack | None = None
-_users = 0
-
 DIGITS = "seapig_core.examples.digits"
 
 
-def acquire_server(storage: Path) -> None:
-    """Start the shared temporary Prefect server (and isolated result storage) if not running."""
-    global _stack, _users
-    if _stack is None:
-        from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
-        from prefect.testing.utilities import prefect_test_harness
+@contextlib.contextmanager
+def temporary_prefect_server(storage: Path) -> Any:
+    """Prefect's temporary test server (SQLite in a temporary directory), results under ``storage``."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
 
-        stack = contextlib.ExitStack()
-        stack.enter_context(
-            temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(storage), PREFECT_SERVER_ANALYTICS_ENABLED: False})
-        )
-        stack.enter_context(prefect_test_harness(server_startup_timeout=120))
-        _stack = stack
-    _users += 1
-
-
-def release_server() -> None:
-    """Stop the shared server when its last user is done."""
-    global _stack, _users
-    _users -= 1
-    if _users == 0 and _stack is not None:
-        stack, _stack = _stack, None
-        stack.close()
+    settings = {PREFECT_LOCAL_STORAGE_PATH: str(storage), PREFECT_SERVER_ANALYTICS_ENABLED: False}
+    with temporary_settings(settings), prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 def _run(coroutine_function: Any) -> Any:
