@@ -7,6 +7,7 @@ The library never imports Prefect; the pipeline lives in the repository's ``task
 """
 
 from seapig_core._version import __version__
+from seapig_core.extract import Extraction, extract_logits
 from seapig_core.persistence import load_score
 from seapig_core.scores import (
     SCORES,
@@ -26,12 +27,14 @@ __all__ = [
     "CertaintyRatioScore",
     "EnergyScore",
     "EntropyScore",
+    "Extraction",
     "LogitScore",
     "MarginScore",
     "MaxLogitScore",
     "SoftmaxScore",
     "TemperatureFitError",
     "__version__",
+    "extract_logits",
     "load_score",
     "make_score",
 ]
