@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "header_problem",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -157,6 +158,30 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def header_problem(header: Any, expected_format: str, schema_version: int) -> str | None:
+    """Why ``header`` (a file's parsed JSON metadata) is not ``expected_format`` at ``schema_version``.
+
+    Every file the library writes carries ``format``, ``schema_version`` and ``library_version``
+    in its metadata; readers call this one check and wrap the answer in their own error.
+
+    Returns
+    -------
+    str or None
+        None when the header matches; otherwise a phrase for an error message.
+    """
+    from seapig_core._version import __version__
+
+    if not isinstance(header, dict) or header.get("format") != expected_format:
+        return f"it has no '{expected_format}' format header"
+    version = header.get("schema_version")
+    if version != schema_version:
+        return (
+            f"it has schema version {version!r} (written by seapig_core {header.get('library_version')!r}); "
+            f"this seapig_core {__version__} reads schema version {schema_version}"
+        )
+    return None
 
 
 def _current_umask() -> int:

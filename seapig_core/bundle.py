@@ -42,7 +42,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from seapig_core._io import atomic_write_json, check_file_stem, ensure_writable_dir, file_sha256, read_json
+from seapig_core._io import (
+    atomic_write_json,
+    check_file_stem,
+    ensure_writable_dir,
+    file_sha256,
+    header_problem,
+    read_json,
+)
 from seapig_core._validation import check_open_unit
 from seapig_core._version import __version__
 from seapig_core.layout import canonicalize, check_labels
@@ -321,14 +328,11 @@ def load_bundle(path: str | os.PathLike[str]) -> SelectorBundle:
         manifest = read_json(manifest_path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{str(manifest_path)!r} is not a readable bundle manifest: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise ValueError(f"{str(manifest_path)!r} is not a seapig_core selector bundle manifest (no '{BUNDLE_FORMAT}' format).")
-    version = manifest.get("schema_version")
-    if version != BUNDLE_SCHEMA_VERSION:
+    problem = header_problem(manifest, BUNDLE_FORMAT, BUNDLE_SCHEMA_VERSION)
+    if problem is not None:
         raise ValueError(
-            f"The selector bundle {str(directory)!r} has schema version {version!r} (written by seapig_core "
-            f"{manifest.get('library_version')!r}); this seapig_core {__version__} reads schema version "
-            f"{BUNDLE_SCHEMA_VERSION}. Re-run the calibration flow to rebuild it."
+            f"{str(directory)!r} is not a seapig_core selector bundle this version can read: {problem}. "
+            f"Re-run the calibration flow to rebuild it."
         )
     scores: dict[str, LogitScore] = {}
     try:

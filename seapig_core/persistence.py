@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from seapig_core._io import atomic_path
+from seapig_core._io import atomic_path, header_problem
 from seapig_core._version import __version__
 
 if TYPE_CHECKING:
@@ -126,14 +126,9 @@ def _open(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
         metadata = json.loads(raw) if raw is not None else None
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise ValueError(f"{str(path)!r} is not a readable seapig_core score file: {exc}") from exc
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise ValueError(f"{str(path)!r} is not a seapig_core score file (no '{FORMAT}' metadata).")
-    version = metadata.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ValueError(
-            f"{str(path)!r} has score schema version {version!r}; this seapig_core {__version__} reads "
-            f"version {SCHEMA_VERSION}. Re-create it with a matching library version."
-        )
+    problem = header_problem(metadata, FORMAT, SCHEMA_VERSION)
+    if problem is not None:
+        raise ValueError(f"{str(path)!r} is not a seapig_core score file this version can read: {problem}.")
     return table, metadata
 
 

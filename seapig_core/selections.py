@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from seapig_core._io import atomic_path, check_file_stem, ensure_writable_dir
+from seapig_core._io import atomic_path, check_file_stem, ensure_writable_dir, header_problem
 from seapig_core._version import __version__
 from seapig_core.bundle import SelectorBundle
 from seapig_core.scores.logits import CertaintyRatioScore
@@ -196,13 +196,9 @@ def read_selections(path: str | os.PathLike[str]) -> pd.DataFrame:
         meta = json.loads(raw) if raw else None
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise ValueError(f"{str(path)!r} is not a readable Parquet file: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != SELECTIONS_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a seapig_core selections file.")
-    if meta.get("schema_version") != SELECTIONS_SCHEMA_VERSION:
-        raise ValueError(
-            f"{str(path)!r} has selections schema version {meta.get('schema_version')!r}; this seapig_core "
-            f"{__version__} reads version {SELECTIONS_SCHEMA_VERSION}."
-        )
+    problem = header_problem(meta, SELECTIONS_FORMAT, SELECTIONS_SCHEMA_VERSION)
+    if problem is not None:
+        raise ValueError(f"{str(path)!r} is not a seapig_core selections file this version can read: {problem}.")
     table = arrow.to_pandas()
     table.attrs["seapig_core"] = meta
     return table

@@ -97,7 +97,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from seapig_core._io import atomic_path, atomic_write_json, check_file_stem, file_sha256, read_json
+from seapig_core._io import atomic_path, atomic_write_json, check_file_stem, file_sha256, header_problem, read_json
 from seapig_core._version import __version__
 
 __all__ = [
@@ -740,13 +740,9 @@ def _parse_metadata(schema: pa.Schema) -> dict[str, Any]:
         metadata = json.loads(raw) if raw is not None else None
     except ValueError as exc:
         raise _CorruptEntry(f"its metadata is not JSON ({exc})") from exc
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise _CorruptEntry(f"it has no '{FORMAT}' metadata")
-    if metadata.get("schema_version") != SCHEMA_VERSION:
-        raise _CorruptEntry(
-            f"it has store schema version {metadata.get('schema_version')!r}; this seapig_core "
-            f"{__version__} reads version {SCHEMA_VERSION}"
-        )
+    problem = header_problem(metadata, FORMAT, SCHEMA_VERSION)
+    if problem is not None:
+        raise _CorruptEntry(problem)
     return metadata
 
 
@@ -846,8 +842,9 @@ def _read_manifest_file(manifest_path: Path) -> dict[str, Any]:
         manifest = read_json(manifest_path)
     except (OSError, ValueError) as exc:
         raise _CorruptEntry(f"its manifest is not readable JSON ({type(exc).__name__})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise _CorruptEntry(f"its manifest is not a '{MANIFEST_FORMAT}'")
+    problem = header_problem(manifest, MANIFEST_FORMAT, SCHEMA_VERSION)
+    if problem is not None:
+        raise _CorruptEntry(f"its manifest is not usable: {problem}")
     fingerprint = manifest.get("fingerprint")
     if (
         not isinstance(fingerprint, dict)

@@ -103,3 +103,14 @@ def test_dir_below_a_file_is_reported(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match=r"must be a writable directory\. Could not write to"):
         ensure_writable_dir(tmp_path / "file" / "sub")
+
+
+def test_header_problem_names_format_and_version():
+    from seapig_core._io import header_problem
+
+    good = {"format": "seapig_core.x", "schema_version": 2, "library_version": "9.9"}
+    assert header_problem(good, "seapig_core.x", 2) is None
+    assert header_problem([], "seapig_core.x", 2) == "it has no 'seapig_core.x' format header"
+    assert header_problem({**good, "format": "other"}, "seapig_core.x", 2) == "it has no 'seapig_core.x' format header"
+    problem = header_problem(good, "seapig_core.x", 1)
+    assert "schema version 2 (written by seapig_core '9.9')" in problem and "reads schema version 1" in problem

@@ -547,7 +547,7 @@ def _crafted(path, n=6, width=4, rows_claimed=None, shape=None, fmt=FORMAT, batc
         ({}, None),
         ({"shape": [6, 5]}, "FixedSizeList<float32> of the recorded width"),
         ({"rows_claimed": 60}, "does not match its 6 rows"),
-        ({"fmt": "something else"}, "no 'seapig_core.logits' metadata"),
+        ({"fmt": "something else"}, "no 'seapig_core.logits' format header"),
         ({"batches": 2}, "holds 2 record batches"),
         ({"logits_type": pa.float64()}, "FixedSizeList<float32>"),
         ({"shape": "abc"}, "does not match"),
