@@ -57,6 +57,8 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Tensor
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _machine import cpu_model  # noqa: E402
 
 from seapig_core import SoftmaxScore  # noqa: E402
 from seapig_core.extract import extract_logits  # noqa: E402
@@ -87,14 +89,7 @@ def batched_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> DataLoa
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return (
         f"{platform.node()}, {os.cpu_count()} CPUs (nproc), {cpu}, Python {platform.python_version()}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), pyarrow {pa.__version__}"

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_model  # noqa: E402
 from _score_worker import _FLOOR_BLOCK_BYTES, busy_cpu_seconds  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -159,14 +160,7 @@ def measure_memory(python: Path | str, impl: str, score: str, data: Path) -> dic
 
 
 def machine() -> dict[str, str]:
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     return {"nproc": str(os.cpu_count()), "cpu": model, "platform": platform.platform()}
 
 
