@@ -1,34 +1,56 @@
 """File-system primitives shared by every writer in the library.
 
-One place for the two rules that make files trustworthy:
+One place for the rules that make files trustworthy:
 
 - writes are atomic: data goes to a temporary file in the destination directory, is flushed
   to disk, then renamed over the destination, so a killed run never leaves a half-written
   file under the final name;
+- temporary files and directories are *owned*: their names carry the writer's host, boot and
+  process (:func:`temporary_name`), so that the next write in a directory removes those of
+  dead writers (:func:`sweep_stale_temporaries`) and never those of a live one;
 - names stay inside their directory: a user-supplied file stem may not contain a path
-  separator or ``..``.
+  separator or ``..``, and a path that resolves (through symlinks) outside its root is
+  refused (:func:`resolve_inside`);
+- JSON from disk is parsed with bounded size and nesting depth (:func:`read_json`), and a
+  problem names the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 __all__ = [
-    "header_problem",
+    "JSON_MAX_BYTES",
+    "JSON_MAX_DEPTH",
+    "STALE_FOREIGN_SECONDS",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
     "check_file_stem",
     "ensure_writable_dir",
     "file_sha256",
+    "header_problem",
+    "is_temporary_name",
+    "loads_json",
     "read_json",
+    "read_json_object",
+    "resolve_inside",
+    "sweep_stale_temporaries",
+    "temporary_name",
 ]
 
 _HASH_CHUNK = 1 << 22  # 4 MiB: large enough to stream at disk speed, small enough to stay bounded
@@ -59,9 +81,12 @@ def ensure_writable_dir(path: str | os.PathLike[str], name: str = "outdir") -> P
         raise ValueError(f"The '{name}' parameter must be a directory. Got the file {str(directory)!r} instead.")
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        # The only reliable test of writability is to write.
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".seapig-probe-"):
-            pass
+        # The only reliable test of writability is to write (an owned name: a kill between
+        # creating and removing it leaves a file the next sweep removes).
+        probe = directory / temporary_name("probe")
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise ValueError(
             f"The '{name}' parameter must be a writable directory. "
@@ -116,12 +141,12 @@ def atomic_path(destination: str | os.PathLike[str]) -> Iterator[Path]:
     'done'
     """
     destination = Path(destination)
-    fd, tmp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
+    sweep_stale_temporaries(destination.parent)
+    tmp = destination.parent / temporary_name(destination.name)
+    # Created exclusively, with the permissions open() would give (0666 & ~umask), so that a
+    # reviewer can read what a worker wrote.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     os.close(fd)
-    tmp = Path(tmp_name)
-    # mkstemp creates mode 0600; give the file the permissions open() would (0666 & ~umask),
-    # so a reviewer can read what a worker wrote.
-    os.chmod(tmp, 0o666 & ~_current_umask())
     try:
         yield tmp
         _fsync_file(tmp)
@@ -145,10 +170,228 @@ def atomic_write_json(destination: str | os.PathLike[str], payload: Any) -> None
     atomic_write_bytes(destination, (text + "\n").encode("utf-8"))
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
-    """Read a JSON file (never a pickle)."""
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+#: Largest JSON document read from disk (manifests, metadata): 64 MiB.
+JSON_MAX_BYTES = 64 << 20
+#: Deepest nesting of arrays and objects accepted in a JSON document from disk.
+JSON_MAX_DEPTH = 64
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_OPEN_CLOSE = np.zeros(256, dtype=np.int8)
+_OPEN_CLOSE[[ord("["), ord("{")]] = 1
+_OPEN_CLOSE[[ord("]"), ord("}")]] = -1
+
+
+def _json_depth(raw: bytes) -> int:
+    """Deepest nesting of ``[``/``{`` outside strings (linear time, no recursion)."""
+    structure = _JSON_STRING.sub(b"", raw)
+    if not structure:
+        return 0
+    steps = _OPEN_CLOSE[np.frombuffer(structure, dtype=np.uint8)]
+    return int(np.cumsum(steps, dtype=np.int64).max(initial=0))
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"the non-standard JSON constant {name} is not allowed")
+
+
+def loads_json(
+    raw: bytes | str, what: str = "JSON", *, max_bytes: int = JSON_MAX_BYTES, max_depth: int = JSON_MAX_DEPTH
+) -> Any:
+    """Parse untrusted JSON with bounded size and nesting depth.
+
+    Parameters
+    ----------
+    raw : bytes or str
+        The document (UTF-8 when bytes).
+    what : str
+        What the document is, for error messages (e.g. ``"'/data/b.json'"``).
+    max_bytes, max_depth : int
+        Limits; a document beyond either is refused before it is parsed.
+
+    Raises
+    ------
+    ValueError
+        Naming ``what``: too large, nested too deeply, not UTF-8, not JSON, or holding
+        ``NaN``/``Infinity``. Never ``RecursionError`` or ``MemoryError``.
+    """
+    data = raw.encode("utf-8") if isinstance(raw, str) else bytes(raw)
+    if len(data) > max_bytes:
+        raise ValueError(f"{what} is {len(data):,} bytes of JSON; at most {max_bytes:,} are read.")
+    depth = _json_depth(data)
+    if depth > max_depth:
+        raise ValueError(f"{what} nests JSON {depth} levels deep; at most {max_depth} are read.")
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} is not UTF-8 text: {exc}") from exc
+    except (json.JSONDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{what} is not valid JSON: {exc}") from exc
+
+
+def read_json(
+    path: str | os.PathLike[str], *, max_bytes: int = JSON_MAX_BYTES, max_depth: int = JSON_MAX_DEPTH
+) -> Any:
+    """Read a JSON file (never a pickle) with bounded size and depth (see :func:`loads_json`).
+
+    Raises
+    ------
+    ValueError
+        Naming the file: unreadable, too large, too deep, or not JSON.
+    """
+    path = Path(path)
+    what = repr(str(path))
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ValueError(f"{what} is {size:,} bytes of JSON; at most {max_bytes:,} are read.")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{what} could not be read: {exc.strerror or exc}.") from exc
+    return loads_json(raw, what, max_bytes=max_bytes, max_depth=max_depth)
+
+
+def read_json_object(path: str | os.PathLike[str], what: str = "file") -> dict[str, Any]:
+    """:func:`read_json` for documents that must be a JSON object (manifests, metadata).
+
+    Raises
+    ------
+    ValueError
+        As :func:`read_json`, or when the document is not an object (e.g. a list).
+    """
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise ValueError(f"The {what} {str(path)!r} must hold a JSON object. Got a JSON {type(value).__name__} instead.")
+    return value
+
+
+def resolve_inside(path: str | os.PathLike[str], root: str | os.PathLike[str], name: str = "path") -> Path:
+    """``path`` resolved (symlinks followed), refused unless it lies inside ``root`` (also resolved).
+
+    Raises
+    ------
+    ValueError
+        If the resolved path is outside the resolved root, e.g. a symlink in an inbox that
+        points elsewhere.
+    """
+    resolved_root = Path(root).resolve()
+    resolved = Path(path).resolve()
+    if resolved != resolved_root and resolved_root not in resolved.parents:
+        raise ValueError(
+            f"The '{name}' parameter {str(path)!r} resolves to {str(resolved)!r}, outside {str(resolved_root)!r}. "
+            f"Files (and symlinks) must stay inside their directory."
+        )
+    return resolved
+
+
+# ----------------------------------------------------------------------------- owned temporaries
+
+#: Temporaries of writers on *other* hosts (whose liveness cannot be checked) are removed
+#: after this many seconds without modification.
+STALE_FOREIGN_SECONDS = 24 * 3600
+_TEMP_MARK = ".seapig-tmp-"
+# ".<stem>.seapig-tmp-<host8>-<boot8>-<pid>-<start>-<rand8><suffix>"
+_TEMP_NAME = re.compile(
+    r"\..*\.seapig-tmp-(?P<host>[0-9a-f]{8})-(?P<boot>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _host_and_boot() -> tuple[str, str]:
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    boot = "0" * 8
+    with contextlib.suppress(OSError):
+        boot = hashlib.sha256(Path("/proc/sys/kernel/random/boot_id").read_bytes()).hexdigest()[:8]
+    return host, boot
+
+
+def _process_start(pid: int) -> int | None:
+    """Start time of process ``pid`` in clock ticks since boot (Linux), 0 elsewhere, None if absent."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if not Path("/proc/self/stat").exists():  # no procfs: fall back to a signal-0 probe
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                return 0
+            return 0
+        return None
+    except OSError:
+        return 0
+    # Field 22 (starttime) after the parenthesised command name, which may contain spaces.
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _owner() -> str:
+    host, boot = _host_and_boot()
+    pid = os.getpid()
+    return f"{host}-{boot}-{pid}-{_process_start(pid) or 0}"
+
+
+def temporary_name(stem: str, suffix: str = "") -> str:
+    """A hidden, owned name for a temporary file or directory: ``.<stem>.seapig-tmp-<owner>-<random><suffix>``.
+
+    The owner part names this host, its boot and this process (with its start time, so a
+    reused PID is not mistaken for the writer). :func:`sweep_stale_temporaries` removes a
+    temporary only when its owner is gone. Readers ignore hidden files.
+    """
+    return f".{stem}{_TEMP_MARK}{_owner()}-{secrets.token_hex(4)}{suffix}"
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether ``name`` was made by :func:`temporary_name`."""
+    return _TEMP_NAME.match(name) is not None
+
+
+def _owner_is_gone(match: re.Match[str], path: Path, now: float, foreign_after: float) -> bool:
+    host, boot = _host_and_boot()
+    if match["host"] != host:
+        try:
+            return now - path.lstat().st_mtime > foreign_after
+        except FileNotFoundError:
+            return False
+    if match["boot"] != boot:
+        return True  # written before this host's last reboot: its writer is dead
+    start = _process_start(int(match["pid"]))
+    return start is None or (start != 0 and int(match["start"]) != 0 and start != int(match["start"]))
+
+
+def sweep_stale_temporaries(
+    directory: str | os.PathLike[str], *, foreign_after: float = STALE_FOREIGN_SECONDS
+) -> list[Path]:
+    """Remove the temporary files and directories of dead writers in ``directory``.
+
+    Writers call this before they write into a directory, so a writer killed mid-write
+    (``kill -9``, a lost machine) leaves its temporary files only until the next write there.
+    A temporary of a live process on this host is never touched; one from another host is
+    removed once unmodified for ``foreign_after`` seconds.
+
+    Returns
+    -------
+    list of pathlib.Path
+        What was removed (best effort: entries that vanish or resist removal are skipped).
+    """
+    removed: list[Path] = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name) if entry.name.startswith(".") else None
+        if match is None:
+            continue
+        path = Path(entry.path)
+        if not _owner_is_gone(match, path, now, foreign_after):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    return removed
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -183,16 +426,6 @@ def header_problem(header: Any, expected_format: str, schema_version: int) -> st
         )
     return None
 
-
-def _current_umask() -> int:
-    # Linux reports the umask without changing it (setting it would race with other threads).
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)  # elsewhere the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
 
 
 def _fsync_file(path: Path) -> None:

@@ -114,3 +114,139 @@ def test_header_problem_names_format_and_version():
     assert header_problem({**good, "format": "other"}, "seapig_core.x", 2) == "it has no 'seapig_core.x' format header"
     problem = header_problem(good, "seapig_core.x", 1)
     assert "schema version 2 (written by seapig_core '9.9')" in problem and "reads schema version 1" in problem
+
+
+# ----------------------------------------------------------------------------- bounded JSON
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("[" * 5000 + "]" * 5000, "levels deep"),
+        ('{"a":' * 100 + "1" + "}" * 100, "levels deep"),
+        ('{"a": NaN}', "not valid JSON"),
+        ('{"a": 1', "not valid JSON"),
+    ],
+)
+def test_hostile_json_is_a_value_error_naming_the_file(tmp_path, text, reason):
+    from seapig_core._io import read_json
+
+    path = tmp_path / "manifest.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=reason) as info:
+        read_json(path)
+    assert str(path) in str(info.value)
+
+
+def test_json_depth_ignores_brackets_inside_strings(tmp_path):
+    from seapig_core._io import loads_json
+
+    nested_text = "[" * 80
+    assert loads_json(f'{{"a": "{nested_text}"}}', max_depth=1) == {"a": nested_text}
+    assert loads_json('["\\"[[[[[["]', max_depth=1) == ['"[[[[[[']
+
+
+def test_json_size_and_encoding_limits(tmp_path):
+    from seapig_core._io import loads_json, read_json
+
+    with pytest.raises(ValueError, match="at most 10 are read"):
+        loads_json(b"[" + b"1," * 10 + b"1]", "x", max_bytes=10)
+    (tmp_path / "latin.json").write_bytes(b'{"a": "\xe9"}')
+    with pytest.raises(ValueError, match="not UTF-8"):
+        read_json(tmp_path / "latin.json")
+    with pytest.raises(ValueError, match="could not be read"):
+        read_json(tmp_path / "missing.json")
+
+
+def test_json_object_refuses_other_documents(tmp_path):
+    from seapig_core._io import read_json_object
+
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"must hold a JSON object\. Got a JSON list"):
+        read_json_object(tmp_path / "list.json", "metadata file")
+
+
+# ----------------------------------------------------------------------------- containment
+
+
+def test_resolve_inside_refuses_symlinks_that_leave_the_root(tmp_path):
+    from seapig_core._io import resolve_inside
+
+    inbox, outside = tmp_path / "inbox", tmp_path / "secret.npy"
+    inbox.mkdir()
+    outside.write_bytes(b"x")
+    (inbox / "ok.npy").write_bytes(b"x")
+    (inbox / "link.npy").symlink_to(outside)
+    (inbox / "inner.npy").symlink_to(inbox / "ok.npy")
+    assert resolve_inside(inbox / "ok.npy", inbox) == (inbox / "ok.npy").resolve()
+    assert resolve_inside(inbox / "inner.npy", inbox) == (inbox / "ok.npy").resolve()
+    with pytest.raises(ValueError, match="outside"):
+        resolve_inside(inbox / "link.npy", inbox, "logits_dir")
+
+
+# ----------------------------------------------------------------------------- owned temporaries
+
+
+def test_temporary_names_are_hidden_owned_and_recognised():
+    from seapig_core._io import is_temporary_name, temporary_name
+
+    name = temporary_name("batch.selections.parquet", ".tmp")
+    assert name.startswith(".batch.selections.parquet.seapig-tmp-") and name.endswith(".tmp")
+    assert is_temporary_name(name) and not is_temporary_name("batch.selections.parquet")
+    assert temporary_name("x") != temporary_name("x")
+
+
+def test_sweep_keeps_live_writers_and_removes_dead_ones(tmp_path):
+    import subprocess
+    import sys
+
+    from seapig_core._io import sweep_stale_temporaries, temporary_name
+
+    mine = tmp_path / temporary_name("live.parquet")
+    mine.write_bytes(b"in progress")
+    # A writer that dies: a child process creates its temporary file and directory, then exits.
+    code = (
+        "import sys; from pathlib import Path; from seapig_core._io import temporary_name; d = Path(sys.argv[1]); "
+        "(d / temporary_name('dead.parquet')).write_bytes(b'half'); (d / temporary_name('spill')).mkdir(); "
+        "(d / 'data.parquet').write_bytes(b'kept')"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+    dead = sorted(p.name for p in tmp_path.iterdir() if "dead" in p.name or "spill" in p.name)
+    assert len(dead) == 2
+    removed = sweep_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == dead
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, "data.parquet"])
+
+
+def test_sweep_ages_out_temporaries_of_other_hosts(tmp_path):
+    from seapig_core._io import sweep_stale_temporaries
+
+    foreign = tmp_path / ".x.parquet.seapig-tmp-00000000-00000000-1-1-abcdef01"
+    foreign.write_bytes(b"x")
+    assert sweep_stale_temporaries(tmp_path) == [] and foreign.exists()
+    os.utime(foreign, (0, 0))
+    assert sweep_stale_temporaries(tmp_path) == [foreign] and not foreign.exists()
+
+
+def test_kill_9_mid_write_leaves_no_visible_file_and_the_next_write_cleans_up(tmp_path):
+    """A writer killed inside atomic_path leaves only a hidden temporary, removed by the next write."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys, time; from pathlib import Path; from seapig_core._io import atomic_path\n"
+        "with atomic_path(Path(sys.argv[1]) / 'out.bin') as tmp:\n"
+        "    tmp.write_bytes(b'x' * 1000); print('writing', flush=True); time.sleep(60)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE)
+    assert child.stdout.readline() == b"writing\n"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    leftovers = list(tmp_path.iterdir())
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".out.bin.seapig-tmp-")
+    assert not (tmp_path / "out.bin").exists()
+    time.sleep(0.01)
+    atomic_write_json(tmp_path / "other.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.json"]
