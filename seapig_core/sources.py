@@ -23,14 +23,25 @@ Two kinds of source feed the calibration and scoring flows:
   returns a ``torch.nn.Module`` with a ``.logits(x)`` method; the data factory returns a
   DataLoader (one batch of the pipeline) or a mapping of batch names to DataLoaders.
   :func:`extract_from_factories` extracts every loader's logits into the store.
+
+Import paths are run parameters, so whoever can start a run chooses them: they resolve only
+inside an allowlist (:func:`allowed_modules`): the bundled examples (``seapig_core.examples``)
+and the modules named in the ``SEAPIG_ALLOWED_MODULES`` environment variable of the process
+(comma-separated, e.g. ``mypackage.models,mypackage.data``; set it on the worker, e.g. in a
+deployment's ``job_variables.env``). The check runs on the *name* before anything is imported
+or called; Python's standard library and builtins are refused even when listed, and the object
+must be a function or class defined inside an allowed module (a re-exported ``os.system`` is
+refused), reached without passing through another module.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +56,12 @@ import torch
 from seapig_core._io import check_file_stem
 
 __all__ = [
+    "ALLOWED_MODULES_ENV",
+    "DEFAULT_ALLOWED_MODULES",
     "LOGIT_FILE_SUFFIXES",
     "ExtractedBatch",
     "LogitsData",
+    "allowed_modules",
     "call_factory",
     "check_source",
     "extract_from_factories",
@@ -269,21 +283,74 @@ def check_source(files: str | None, model: str | None, data: str | None, files_n
     return "model"
 
 
+#: Modules whose factories import paths may always name: the bundled examples.
+DEFAULT_ALLOWED_MODULES: tuple[str, ...] = ("seapig_core.examples",)
+#: Environment variable naming further allowed modules (comma-separated module names; a name
+#: allows the module and its submodules).
+ALLOWED_MODULES_ENV = "SEAPIG_ALLOWED_MODULES"
+# Never importable by path, even when listed: the interpreter's own modules.
+_FORBIDDEN_ROOTS = frozenset(sys.stdlib_module_names) | {"builtins", "__main__", "__future__", "_frozen_importlib"}
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def allowed_modules() -> tuple[str, ...]:
+    """The modules import paths may name: :data:`DEFAULT_ALLOWED_MODULES` and ``$SEAPIG_ALLOWED_MODULES``.
+
+    Raises
+    ------
+    ValueError
+        If the environment variable holds something that is not a module name.
+    """
+    listed = [part.strip() for part in os.environ.get(ALLOWED_MODULES_ENV, "").split(",") if part.strip()]
+    bad = [name for name in listed if not _MODULE_NAME.fullmatch(name)]
+    if bad:
+        raise ValueError(
+            f"The {ALLOWED_MODULES_ENV} environment variable must list module names separated by commas "
+            f"(e.g. 'mypackage.models,mypackage.data'). Got {bad} in it."
+        )
+    return (*DEFAULT_ALLOWED_MODULES, *listed)
+
+
+def _inside(module: str, allowed: tuple[str, ...]) -> bool:
+    return any(module == root or module.startswith(root + ".") for root in allowed)
+
+
+def _check_allowed(path: str, module_name: str, name: str, allowed: tuple[str, ...]) -> None:
+    hint = (
+        f"Import paths may name only modules in the allowlist {list(allowed)}: add your package to the "
+        f"{ALLOWED_MODULES_ENV} environment variable of the worker (e.g. in the deployment's job_variables.env)."
+    )
+    if module_name.split(".")[0] in _FORBIDDEN_ROOTS:
+        raise ValueError(
+            f"The '{name}' parameter {path!r} names {module_name!r}, a module of Python's standard library or "
+            f"its builtins, which import paths may never name. {hint}"
+        )
+    if not _inside(module_name, allowed):
+        raise ValueError(f"The '{name}' parameter {path!r} names the module {module_name!r}, which is not allowed. {hint}")
+
+
 def resolve_import_path(path: str, name: str = "factory") -> Any:
-    """The object named by ``"package.module:attribute"`` (the attribute may be dotted).
+    """The object named by ``"package.module:attribute"`` (the attribute may be dotted), inside the allowlist.
+
+    The module must be in :func:`allowed_modules` (checked on the name, before importing); the
+    attribute path may pass through classes but not through other modules; the object must be a
+    function or class defined in an allowed module.
 
     Raises
     ------
     TypeError
         If ``path`` is not a string.
     ValueError
-        If it is malformed, the module cannot be imported, or has no such attribute.
+        If it is malformed, outside the allowlist, the module cannot be imported, has no such
+        attribute, or the object is not a function or class of an allowed module.
     """
     if not isinstance(path, str):
         raise TypeError(f"The '{name}' parameter must be an import path 'package.module:function'. Got {type(path).__name__} instead.")
     if not _IMPORT_PATH.fullmatch(path):
         raise ValueError(f"The '{name}' parameter must be an import path of the form 'package.module:function'. Got {path!r} instead.")
     module_name, attribute = path.split(":")
+    allowed = allowed_modules()
+    _check_allowed(path, module_name, name, allowed)
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
@@ -292,6 +359,18 @@ def resolve_import_path(path: str, name: str = "factory") -> Any:
         if not hasattr(obj, part):
             raise ValueError(f"The '{name}' parameter {path!r} does not resolve: {obj.__name__ if hasattr(obj, '__name__') else obj!r} has no attribute {part!r}.")
         obj = getattr(obj, part)
+        if inspect.ismodule(obj):
+            raise ValueError(
+                f"The '{name}' parameter {path!r} reaches the module {obj.__name__!r} through an attribute; "
+                f"name it as 'module:function' instead (and only inside the allowlist {list(allowed)})."
+            )
+    defined_in = getattr(obj, "__module__", None) if inspect.isfunction(obj) or inspect.isclass(obj) else None
+    if defined_in is None or not _inside(defined_in, allowed) or defined_in.split(".")[0] in _FORBIDDEN_ROOTS:
+        where = f"defined in {defined_in!r}" if defined_in else f"an object of type {type(obj).__name__!r}, not a function or class"
+        raise ValueError(
+            f"The '{name}' parameter {path!r} resolves to {where}; import paths must name a function or class "
+            f"defined inside the allowlist {list(allowed)}."
+        )
     return obj
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,13 +127,13 @@ def test_import_paths() -> None:
     assert call_factory("seapig_core.examples.digits:TrainConfig", {"epochs": 2}).epochs == 2
     with pytest.raises(ValueError, match="of the form 'package.module:function'"):
         resolve_import_path("seapig_core.examples.digits.digits_loader")
-    with pytest.raises(ValueError, match="cannot import module 'seapig_core.nothing'"):
-        resolve_import_path("seapig_core.nothing:f")
+    with pytest.raises(ValueError, match="cannot import module 'seapig_core.examples.nothing'"):
+        resolve_import_path("seapig_core.examples.nothing:f")
     with pytest.raises(ValueError, match="has no attribute 'nope'"):
         resolve_import_path("seapig_core.examples.digits:nope")
     with pytest.raises(TypeError, match="must be an import path"):
         resolve_import_path(42)
-    with pytest.raises(ValueError, match="must name a callable"):
+    with pytest.raises(ValueError, match="type 'int', not a function or class"):
         call_factory("seapig_core.examples.digits:CLASSES")
     with pytest.raises(TypeError, match="'factory_kwargs' parameter must be a dict"):
         call_factory("seapig_core.examples.digits:TrainConfig", [1])
@@ -168,7 +169,8 @@ def tiny_batches(n: int = 2):
     return {f"part-{i}": DataLoader(TensorDataset(torch.randn(5 + i, 4, generator=g)), batch_size=2) for i in range(n)}
 
 
-def test_extract_from_factories(tmp_path: Path) -> None:
+def test_extract_from_factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEAPIG_ALLOWED_MODULES", "tests.core.test_sources, torch.nn")
     seen = []
     here = "tests.core.test_sources"
     batches = extract_from_factories(
@@ -186,3 +188,62 @@ def test_extract_from_factories(tmp_path: Path) -> None:
         extract_from_factories(f"{here}:tiny_batches", f"{here}:tiny_batches", tmp_path)
     with pytest.raises(ValueError, match=r"must return a torch.nn.Module with .logits\(x\)\. Got a Linear"):
         extract_from_factories("torch.nn:Linear", f"{here}:tiny_batches", tmp_path, model_kwargs={"in_features": 3, "out_features": 2})
+
+
+# ----------------------------------------------------------------------------- import allowlist
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs"),
+    [
+        ("os:system", {"command": "touch {marker}"}),
+        ("subprocess:run", {"args": ["touch", "{marker}"]}),
+        ("builtins:exec", {"source": "open('{marker}', 'w')"}),
+        ("posix:system", {"command": "touch {marker}"}),
+    ],
+)
+def test_the_standard_library_is_refused_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str, kwargs: dict
+) -> None:
+    """The issue's attack: model="os:system" with model_kwargs={"command": ...} ran a shell command."""
+    marker = tmp_path / "pwned"
+    kwargs = {k: [a.format(marker=marker) for a in v] if isinstance(v, list) else v.format(marker=marker) for k, v in kwargs.items()}
+    monkeypatch.setenv("SEAPIG_ALLOWED_MODULES", path.split(":")[0])  # even when listed
+    with pytest.raises(ValueError, match="standard library or its builtins") as info:
+        call_factory(path, kwargs, name="model")
+    assert "The 'model' parameter" in str(info.value)
+    with pytest.raises(ValueError, match="standard library"):
+        extract_from_factories(path, "seapig_core.examples.digits:digits_loader", tmp_path / "store", model_kwargs=kwargs)
+    assert not marker.exists()
+
+
+def test_only_allowlisted_modules_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = tmp_path / "site" / "mypkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "import os\nfrom os import system\nfrom functools import partial\n"
+        "def make():\n    return 'made'\nclass Factory:\n    @staticmethod\n    def build():\n        return 'built'\n"
+        "curried = partial(make)\nCONSTANT = 3\n"
+    )
+    (tmp_path / "site" / "mypkg_evil.py").write_text("def make():\n    return 'evil'\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delenv("SEAPIG_ALLOWED_MODULES", raising=False)
+    with pytest.raises(ValueError, match="'mypkg', which is not allowed.*SEAPIG_ALLOWED_MODULES"):
+        resolve_import_path("mypkg:make", "model")
+    assert "mypkg" not in sys.modules  # refused on the name, before importing
+    monkeypatch.setenv("SEAPIG_ALLOWED_MODULES", "mypkg")
+    assert call_factory("mypkg:make") == "made"
+    assert call_factory("mypkg:Factory.build") == "built"
+    with pytest.raises(ValueError, match="not allowed"):
+        resolve_import_path("mypkg_evil:make")  # a prefix of the name is not its package
+    with pytest.raises(ValueError, match="reaches the module 'os'"):
+        resolve_import_path("mypkg:os.system")
+    with pytest.raises(ValueError, match="type 'builtin_function_or_method', not a function or class"):
+        resolve_import_path("mypkg:system")  # re-exported from the standard library
+    with pytest.raises(ValueError, match="type 'partial', not a function or class"):
+        resolve_import_path("mypkg:curried")
+    with pytest.raises(ValueError, match="type 'int', not a function or class"):
+        resolve_import_path("mypkg:CONSTANT")
+    monkeypatch.setenv("SEAPIG_ALLOWED_MODULES", "mypkg; rm -rf /")
+    with pytest.raises(ValueError, match="must list module names"):
+        resolve_import_path("mypkg:make")

@@ -177,14 +177,16 @@ def _failed_run(flow, **parameters):
     return state
 
 
-def test_unresolvable_import_path_fails_without_retrying(tmp_path: Path) -> None:
+def test_an_import_path_outside_the_allowlist_fails_without_running_or_retrying(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
     state = _failed_run(
-        calibration_flow, bundle_dir=str(tmp_path / "bundle"), model="no_such_package.models:net",
+        calibration_flow, bundle_dir=str(tmp_path / "bundle"), model="os:system", model_kwargs={"command": f"touch {marker}"},
         data=f"{DIGITS}:digits_loader", store_dir=str(tmp_path / "logits"),
     )
-    assert "'no_such_package.models:net' does not resolve" in state.message
-    with pytest.raises(ValueError, match="cannot import module 'no_such_package.models'"):
+    assert "'os:system' names 'os', a module of Python's standard library" in state.message
+    with pytest.raises(ValueError, match="SEAPIG_ALLOWED_MODULES"):
         state.result()
+    assert not marker.exists()
     extract = [run for run in read_task_runs(state.state_details.flow_run_id) if run.name.startswith("extract-logits")]
     assert len(extract) == 1 and extract[0].run_count == 1  # bad input is not retried
     assert not (tmp_path / "bundle").exists()

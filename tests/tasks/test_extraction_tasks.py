@@ -45,8 +45,10 @@ def test_progress_artifact_reaches_100() -> None:
 
 def test_extract_logits_task_rejects_bad_import_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("tasks.extraction.ProgressArtifact", lambda *a, **k: _NoProgress())
-    with pytest.raises(ValueError, match="cannot import module"):
+    with pytest.raises(ValueError, match="'nowhere.module', which is not allowed"):
         extract_logits_task.fn("nowhere.module:net", f"{DIGITS}:digits_loader", str(tmp_path))
+    with pytest.raises(ValueError, match="cannot import module"):
+        extract_logits_task.fn("seapig_core.examples.nowhere:net", f"{DIGITS}:digits_loader", str(tmp_path))
 
 
 class _NoProgress:
