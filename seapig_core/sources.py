@@ -38,10 +38,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import os
 import re
 import sys
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,13 +53,14 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import torch
 
-from seapig_core._io import check_file_stem
+from seapig_core._io import check_file_stem, loads_json, resolve_inside
 
 __all__ = [
     "ALLOWED_MODULES_ENV",
     "DEFAULT_ALLOWED_MODULES",
     "LOGIT_FILE_SUFFIXES",
     "ExtractedBatch",
+    "LogitFiles",
     "LogitsData",
     "allowed_modules",
     "call_factory",
@@ -68,6 +69,7 @@ __all__ = [
     "list_logit_files",
     "read_logits_file",
     "resolve_import_path",
+    "scan_logit_files",
 ]
 
 #: Suffixes of the logit files read by :func:`read_logits_file` (store entries end in ``.logits.arrow``).
@@ -105,36 +107,84 @@ def _batch_name(path: Path) -> str | None:
     return None
 
 
-def list_logit_files(directory: str | os.PathLike[str], name: str = "logits_dir") -> dict[str, Path]:
-    """The logit files of a directory by batch name, sorted by name (see the module docstring).
+@dataclass(frozen=True)
+class LogitFiles:
+    """The logit files of a directory: ``batches`` (batch name -> path, sorted) and ``refused``.
+
+    ``refused`` maps a printable file name (``ascii()`` of it) to the reason it is not a batch:
+    a name that is not valid UTF-8, a symlink that resolves outside the directory, or two
+    files of the same batch. Refused files are left where they are; the others can be scored.
+    """
+
+    directory: Path
+    batches: dict[str, Path]
+    refused: dict[str, str]
+
+
+def scan_logit_files(directory: str | os.PathLike[str], name: str = "logits_dir") -> LogitFiles:
+    """The logit files of a directory by batch name, and the files refused as batches.
+
+    Hidden files (a writer's temporaries) and files of other types are ignored.
 
     Raises
     ------
     ValueError
-        If ``directory`` does not exist or is not a directory, holds no logit file, or holds
-        two files of the same batch (e.g. ``b.npy`` and ``b.npz``).
+        If ``directory`` does not exist or is not a directory.
     """
     directory = Path(directory)
     if not directory.is_dir():
         state = "does not exist" if not directory.exists() else "is not a directory"
         raise ValueError(f"The '{name}' parameter must be a directory of logit files. Got {str(directory)!r}, which {state}.")
     batches: dict[str, Path] = {}
+    refused: dict[str, str] = {}
     for path in sorted(directory.iterdir()):
         batch = _batch_name(path)
-        if batch is None or not path.is_file():
+        if batch is None:
+            continue
+        label = ascii(path.name)
+        try:
+            path.name.encode("utf-8")
+        except UnicodeEncodeError:
+            refused[label] = "its name is not valid UTF-8; rename the file"
+            continue
+        try:
+            resolve_inside(path, directory, name)
+        except ValueError as exc:
+            refused[label] = str(exc)
+            continue
+        if not path.is_file():
             continue
         if batch in batches:
-            raise ValueError(
-                f"The '{name}' directory {str(directory)!r} holds two files for batch {batch!r}: "
-                f"{batches[batch].name!r} and {path.name!r}. Keep one."
-            )
+            other = batches.pop(batch)
+            reason = f"the directory holds two files for batch {batch!r} ({other.name!r} and {path.name!r}); keep one"
+            refused[ascii(other.name)] = refused[label] = reason
+            continue
+        if any(reason.startswith(f"the directory holds two files for batch {batch!r}") for reason in refused.values()):
+            refused[label] = f"the directory holds several files for batch {batch!r}; keep one"
+            continue
         batches[batch] = path
-    if not batches:
+    return LogitFiles(directory, batches, refused)
+
+
+def list_logit_files(directory: str | os.PathLike[str], name: str = "logits_dir") -> dict[str, Path]:
+    """The logit files of a directory by batch name, sorted by name (see the module docstring).
+
+    Raises
+    ------
+    ValueError
+        If ``directory`` does not exist or is not a directory, holds no logit file, or holds a
+        file refused by :func:`scan_logit_files` (named, with the reason).
+    """
+    found = scan_logit_files(directory, name)
+    if found.refused:
+        reasons = "; ".join(f"{file}: {reason}" for file, reason in found.refused.items())
+        raise ValueError(f"The '{name}' directory {str(found.directory)!r} holds files that cannot be batches: {reasons}.")
+    if not found.batches:
         raise ValueError(
             f"The '{name}' parameter must be a directory holding logit files ({', '.join('*' + s for s in LOGIT_FILE_SUFFIXES)}). "
-            f"Got {str(directory)!r}, which holds none."
+            f"Got {str(found.directory)!r}, which holds none."
         )
-    return batches
+    return found.batches
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -150,10 +200,23 @@ def _ids(values: Any, n: int, path: Path) -> np.ndarray:
     if ids.ndim != 1 or ids.shape[0] != n:
         raise ValueError(f"{str(path)!r}: 'sample_ids' must hold one id per sample ({n}). Got shape {ids.shape}.")
     if ids.dtype.kind in "US":
-        return ids.astype(str).astype(object)
-    if ids.dtype.kind not in "iu" and not (ids.dtype.kind == "O" and all(isinstance(i, str) for i in ids)):
-        raise ValueError(f"{str(path)!r}: 'sample_ids' must be integers or strings. Got dtype {ids.dtype}.")
+        ids = ids.astype(str).astype(object)
+    elif ids.dtype.kind not in "iu" and not (ids.dtype.kind == "O" and all(isinstance(i, str) for i in ids)):
+        raise ValueError(f"{str(path)!r}: 'sample_ids' must be integers or strings (no nulls). Got dtype {ids.dtype}.")
+    _check_unique_ids(ids, path)
     return ids
+
+
+def _check_unique_ids(ids: np.ndarray, path: Path) -> None:
+    """Duplicate sample ids are refused: selections, the ledger and reviewers identify samples by id."""
+    import pandas as pd
+
+    duplicated = pd.Index(ids).duplicated()
+    if duplicated.any():
+        examples = list(dict.fromkeys(ids[duplicated].tolist()))[:5]
+        raise ValueError(
+            f"{str(path)!r}: 'sample_ids' must be unique. Got {int(duplicated.sum())} repeated id(s), e.g. {examples}."
+        )
 
 
 def _list_column_to_numpy(column: pa.ChunkedArray, path: Path) -> np.ndarray:
@@ -169,7 +232,13 @@ def _list_column_to_numpy(column: pa.ChunkedArray, path: Path) -> np.ndarray:
         raise ValueError(f"{str(path)!r}: the 'logits' column must hold a list of floats per sample. Got type {array.type}.")
     if array.null_count:
         raise ValueError(f"{str(path)!r}: the 'logits' column has {array.null_count} missing row(s).")
-    values = array.flatten().to_numpy(zero_copy_only=False)
+    values = array.flatten()
+    if values.null_count:
+        raise ValueError(
+            f"{str(path)!r}: the 'logits' column has {values.null_count} missing value(s) inside its lists "
+            f"(a null is not a logit; write NaN for a sample that has no valid logits)."
+        )
+    values = values.to_numpy(zero_copy_only=False)
     return np.asarray(values, dtype=np.float32 if values.dtype != np.float64 else np.float64).reshape(len(array), width)
 
 
@@ -180,19 +249,74 @@ def _read_table(path: Path) -> LogitsData:
     logits = _list_column_to_numpy(table.column("logits"), path)
     meta = (table.schema.metadata or {}).get(b"seapig_core")
     if meta:
-        shape = json.loads(meta).get("logits_shape")
+        parsed = loads_json(meta, f"The 'seapig_core' metadata of {str(path)!r}")
+        if not isinstance(parsed, dict):
+            raise ValueError(f"{str(path)!r}: its 'seapig_core' metadata must be a JSON object. Got a JSON {type(parsed).__name__}.")
+        shape = parsed.get("logits_shape")
         if shape:
+            if not (isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape[1:])):
+                raise ValueError(f"{str(path)!r}: 'logits_shape' in its metadata must be a list of positive integers. Got {shape!r}.")
+            if int(np.prod(shape[1:])) != logits.shape[1]:
+                raise ValueError(
+                    f"{str(path)!r}: 'logits_shape' {shape} in its metadata does not match the {logits.shape[1]} logits per row."
+                )
             logits = logits.reshape([len(logits), *shape[1:]])
     label_column = next((c for c in ("label", "labels") if c in table.column_names), None)
     labels = None
     if label_column is not None:
         column = table.column(label_column).combine_chunks()
+        if column.null_count:
+            raise ValueError(f"{str(path)!r}: the {label_column!r} column has {column.null_count} missing label(s).")
         labels_np = (
             _list_column_to_numpy(column, path) if pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type)
             else column.to_numpy(zero_copy_only=False)
         )
         labels = _tensor(labels_np)
-    ids = table.column("sample_id").to_numpy() if "sample_id" in table.column_names else None
+    ids = None
+    if "sample_id" in table.column_names:
+        id_column = table.column("sample_id")
+        if id_column.null_count:
+            raise ValueError(f"{str(path)!r}: the 'sample_id' column has {id_column.null_count} missing id(s).")
+        ids = id_column.to_numpy()
+    return LogitsData(_tensor(logits), labels, _ids(ids, len(logits), path), path)
+
+
+def _npz_member(archive: zipfile.ZipFile, key: str, path: Path) -> np.ndarray:
+    """One array of an ``.npz``, its header checked against the member's size before reading."""
+    member = f"{key}.npy"
+    info = archive.getinfo(member)
+    with archive.open(info) as handle:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
+        else:
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
+        header_size = handle.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{str(path)!r}: the array {key!r} holds Python objects, which are never unpickled.")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if info.file_size != header_size + expected:
+        raise ValueError(
+            f"{str(path)!r}: the array {key!r} claims shape {shape} of {dtype} ({expected:,} bytes) but holds "
+            f"{info.file_size - header_size:,} bytes (a truncated or corrupted file)."
+        )
+    with archive.open(info) as handle:
+        array = np.lib.format.read_array(handle, allow_pickle=False)
+    return np.asfortranarray(array) if fortran_order else array
+
+
+def _read_npz(path: Path) -> LogitsData:
+    with zipfile.ZipFile(path) as archive:
+        arrays = {name.removesuffix(".npy") for name in archive.namelist() if name.endswith(".npy")}
+        if "logits" not in arrays:
+            raise ValueError(f"{str(path)!r} must hold an array named 'logits'. Got arrays {sorted(arrays)}.")
+        logits = _npz_member(archive, "logits", path)
+        label_key = next((k for k in ("labels", "label") if k in arrays), None)
+        labels = None if label_key is None else _tensor(_npz_member(archive, label_key, path))
+        id_key = next((k for k in ("sample_ids", "sample_id") if k in arrays), None)
+        ids = None if id_key is None else _npz_member(archive, id_key, path)
+    if logits.ndim == 0:
+        raise ValueError(f"{str(path)!r}: the array 'logits' must have a sample axis. Got a scalar.")
     return LogitsData(_tensor(logits), labels, _ids(ids, len(logits), path), path)
 
 
@@ -223,32 +347,33 @@ def read_logits_file(path: str | os.PathLike[str], name: str = "logits_path") ->
             f"The '{name}' parameter must be a logits file ({', '.join('*' + s for s in LOGIT_FILE_SUFFIXES)}). Got {str(path)!r}."
         )
     try:
-        if path.name.endswith(_STORE_SUFFIX) and path.with_suffix(".json").is_file():
+        if path.name.endswith(_STORE_SUFFIX):
+            if not path.with_suffix(".json").is_file():
+                raise ValueError(
+                    f"{str(path)!r} is a logits store entry without its manifest {path.with_suffix('.json').name!r}, "
+                    f"so it cannot be verified. Copy the manifest beside it (or write the logits as .arrow/.parquet)."
+                )
             from seapig_core.store import load_logits
 
             stored = load_logits(path)
             data = LogitsData(stored.logits, stored.labels, stored.sample_ids, path)
         elif path.suffix == ".npy":
-            logits = np.load(path, allow_pickle=False)
+            # Memory-mapped: a header that claims more data than the file holds is refused by
+            # numpy before anything is allocated.
+            logits = np.load(path, mmap_mode="r", allow_pickle=False)
             data = LogitsData(_tensor(logits), None, _ids(None, len(logits), path), path)
         elif path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                if "logits" not in archive.files:
-                    raise ValueError(f"{str(path)!r} must hold an array named 'logits'. Got arrays {archive.files}.")
-                logits = archive["logits"]
-                label_key = next((k for k in ("labels", "label") if k in archive.files), None)
-                labels = None if label_key is None else _tensor(archive[label_key])
-                id_key = next((k for k in ("sample_ids", "sample_id") if k in archive.files), None)
-                ids = None if id_key is None else archive[id_key]
-            data = LogitsData(_tensor(logits), labels, _ids(ids, len(logits), path), path)
+            data = _read_npz(path)
         else:
             data = _read_table(path)
     except ValueError as exc:
         if str(path) in str(exc):
             raise
         raise ValueError(f"The '{name}' file {str(path)!r} could not be read as logits: {exc}") from exc
-    except (OSError, TypeError, pa.ArrowException, EOFError) as exc:
-        raise ValueError(f"The '{name}' file {str(path)!r} could not be read as logits: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any failure parsing an untrusted file is a bad file
+        raise ValueError(
+            f"The '{name}' file {str(path)!r} could not be read as logits ({type(exc).__name__}: {exc})."
+        ) from exc
     if data.logits.ndim == 0 or data.logits.shape[0] == 0:
         raise ValueError(f"The '{name}' file {str(path)!r} holds no samples (logits of shape {tuple(data.logits.shape)}).")
     if not data.logits.is_floating_point():
