@@ -638,7 +638,11 @@ class SelectorBundle:
 
 
 def _flock(fd: int, *, shared: bool, blocking: bool = True) -> bool:
-    """Lock ``fd``; False when ``blocking`` is False and another process holds a conflicting lock."""
+    """Lock ``fd``; False when ``blocking`` is False and another process holds a conflicting lock.
+
+    Where advisory locks are unavailable (no ``fcntl``, or a file system that refuses
+    ``flock``), this returns True without locking: pruning then relies on ``keep_previous``.
+    """
     if fcntl is None:  # pragma: no cover - no advisory locks on this platform
         return True
     flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB)
@@ -646,6 +650,10 @@ def _flock(fd: int, *, shared: bool, blocking: bool = True) -> bool:
         fcntl.flock(fd, flags)
     except BlockingIOError:
         return False
+    except OSError as exc:  # pragma: no cover - e.g. a network file system without flock
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+            return True
+        raise
     return True
 
 
