@@ -16,7 +16,7 @@ Directory layout (``schema_version`` 2): immutable versions behind a pointer ::
                 manifest.json                 # the version's single source of truth
                 softmax.arrow                 # one file per score, seapig_core.persistence format
                 certainty_ratio.arrow
-            20261104T080000000001Z-<sha16>/   # older versions, kept for rollback and for readers
+            20261102T080000000001Z-<sha16>/   # older versions, kept for rollback and for readers
             .version.seapig-tmp-...           # a save in progress (or of a dead writer)
 
 A version id is ``<created, UTC, microseconds>Z-<first 16 hex digits of the manifest's SHA-256>``:
@@ -29,7 +29,9 @@ to disk), renames it into ``versions/`` and only then replaces ``current.json`` 
 two calibrations writing the same bundle at once each write their own version, and the pointer
 names one complete version at every moment (the last switch wins). A killed save leaves only
 its temporary directory, which the next save removes (:func:`~seapig_core._io.sweep_stale_temporaries`
-removes temporaries of dead writers, never of live ones).
+removes temporaries of dead writers, never of live ones). The pointer is a small JSON file
+rather than a symlink: it also records the manifest's SHA-256, which the reader checks, and it
+survives copies and archives that drop or rewrite symlinks.
 
 **Loading** (:func:`load_bundle`) reads the pointer once and loads exactly that version: the
 manifest's bytes are read once and hashed, every score file is checked against its SHA-256,
