@@ -16,12 +16,20 @@ Extraction from a model and a data source is :func:`seapig_core.sources.extract_
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from seapig_core._io import file_sha256
-from seapig_core.bundle import MANIFEST_NAME, fit_selector, load_bundle
+from seapig_core._version import __version__
+from seapig_core.bundle import (
+    DEFAULT_KEEP_PREVIOUS,
+    CalibrationSettings,
+    SelectorBundle,
+    fit_selector,
+    load_bundle,
+    resolve_settings,
+)
 from seapig_core.reports import Report, calibration_report, scoring_report
 from seapig_core.selections import (
     read_selections,
@@ -36,16 +44,21 @@ __all__ = ["calibrate_file", "calibration_review", "content_fingerprint", "score
 
 
 def content_fingerprint(path: str | os.PathLike[str]) -> str | None:
-    """SHA-256 identifying the content at ``path``; None if nothing is there.
+    """SHA-256 identifying the content at ``path``; None if nothing (valid) is there.
 
-    A selector bundle directory is identified by its manifest (which names every score file by
-    its hash), a logits store entry by its manifest (which holds the data file's hash), and
-    any other file by its bytes.
+    A selector bundle directory is identified by the manifest SHA-256 of its current version
+    (which names every score file by its hash, and differs between any two versions); it is
+    loaded and verified first (:func:`seapig_core.bundle.load_bundle`), and a bundle that does
+    not load has no fingerprint (None), so that it is never served from a cache. A logits
+    store entry is identified by its manifest (which holds the data file's hash), and any
+    other file by its bytes.
     """
     path = Path(path)
     if path.is_dir():
-        manifest = path / MANIFEST_NAME
-        return file_sha256(manifest) if manifest.is_file() else None
+        try:
+            return load_bundle(path).manifest_sha256
+        except ValueError:
+            return None
     if not path.is_file():
         return None
     if path.name.endswith(".logits.arrow") and path.with_suffix(".json").is_file():
@@ -53,46 +66,79 @@ def content_fingerprint(path: str | os.PathLike[str]) -> str | None:
     return file_sha256(path)
 
 
+def _reusable_bundle(bundle_dir: str | os.PathLike[str], settings: CalibrationSettings, logits_sha256: str | None) -> SelectorBundle | None:
+    """The current version of ``bundle_dir`` if it can stand for this calibration, else None.
+
+    Only a bundle that loads cleanly (every hash and field verified) and was calibrated from
+    the same input content, with the same settings and this library version, is reused.
+    """
+    if logits_sha256 is None:
+        return None
+    try:
+        current = load_bundle(bundle_dir)
+    except ValueError:
+        return None  # absent, of another schema version, or damaged: refit, which repairs it
+    same = (
+        current.settings == settings
+        and current.library_version == __version__
+        and current.source.get("logits_sha256") == logits_sha256
+    )
+    return current if same else None
+
+
 def calibrate_file(
     logits_path: str | os.PathLike[str],
     bundle_dir: str | os.PathLike[str],
+    settings: CalibrationSettings | Mapping[str, Any] | None = None,
     *,
-    scores: str | Sequence[str] = ("softmax",),
-    q: float = 0.95,
-    task: str = "multiclass",
-    per_member: bool = False,
-    temperature: float | None = None,
-    target_risk: float | None = None,
-    delta: float = 0.05,
-    split_fraction: float = 0.5,
-    seed: int = 0,
+    keep_previous: int = DEFAULT_KEEP_PREVIOUS,
+    **kwargs: Any,
 ) -> dict[str, Any]:
-    """Fit a selector on a calibration logits file and save it as a bundle.
+    """Fit a selector on a calibration logits file and save it as a new version of a bundle.
 
-    Reads ``logits_path`` (:func:`seapig_core.sources.read_logits_file`), fits with
-    :func:`seapig_core.bundle.fit_selector` (same keyword arguments) and saves the bundle to
-    ``bundle_dir``, replacing an earlier one there.
+    If the bundle's current version loads cleanly and was calibrated from the same content
+    (the file's :func:`content_fingerprint`) with the same ``settings`` and the same library
+    version, it is reused: nothing is refitted or written (``reused`` is True). Otherwise
+    ``logits_path`` is read (:func:`seapig_core.sources.read_logits_file`), a selector is fitted
+    (:func:`seapig_core.bundle.fit_selector`) and saved as a new version
+    (:meth:`~seapig_core.bundle.SelectorBundle.save`); a damaged bundle is repaired that way.
+
+    Parameters
+    ----------
+    logits_path : str or os.PathLike
+        Calibration logits (with labels for a temperature, metrics or a target risk).
+    bundle_dir : str or os.PathLike
+        The bundle root.
+    settings : CalibrationSettings or dict, optional
+        The calibration settings; or give them as keyword arguments (``scores=..., q=...``).
+    keep_previous : int, default :data:`seapig_core.bundle.DEFAULT_KEEP_PREVIOUS`
+        Old versions kept besides the current one.
 
     Returns
     -------
     dict
-        ``bundle_dir``, ``manifest_sha256``, ``primary``, ``threshold``, ``temperature`` and
-        the bundle's ``calibration`` summary.
+        ``bundle_dir``, ``version``, ``version_path``, ``manifest_sha256``, ``primary``,
+        ``threshold``, ``temperature``, the bundle's ``calibration`` summary and ``reused``.
     """
-    data = read_logits_file(logits_path)
-    bundle = fit_selector(
-        data.logits, data.labels, scores=scores, q=q, task=task, per_member=per_member, temperature=temperature,
-        target_risk=target_risk, delta=delta, split_fraction=split_fraction, seed=seed,
-        source={"logits_path": str(Path(logits_path).resolve()), "logits_sha256": content_fingerprint(logits_path)},
-    )
-    bundle.save(bundle_dir)
+    settings = resolve_settings(settings, kwargs)
+    logits_sha256 = content_fingerprint(logits_path)
+    bundle = _reusable_bundle(bundle_dir, settings, logits_sha256)
+    reused = bundle is not None
+    if bundle is None:
+        data = read_logits_file(logits_path)
+        source = {"logits_path": str(Path(logits_path).resolve()), "logits_sha256": logits_sha256}
+        bundle = fit_selector(data.logits, data.labels, settings, source=source)
+        bundle.save(bundle_dir, keep_previous=keep_previous)
     return {
         "bundle_dir": str(bundle.path),
+        "version": bundle.version,
+        "version_path": str(bundle.version_path),
         "manifest_sha256": bundle.manifest_sha256,
         "primary": bundle.primary_name,
         "threshold": bundle.threshold,
         "temperature": bundle.temperature,
         "calibration": bundle.calibration,
+        "reused": reused,
     }
 
 

@@ -13,7 +13,11 @@ from seapig_core import metrics
 from seapig_core.bundle import (
     BUNDLE_SCHEMA_VERSION,
     MANIFEST_NAME,
+    POINTER_NAME,
+    VERSIONS_DIR,
     SelectorBundle,
+    bundle_fingerprint,
+    bundle_versions,
     describe_bundle,
     fit_selector,
     load_bundle,
@@ -100,59 +104,73 @@ def test_save_load_roundtrip_and_replace(tmp_path: Path) -> None:
     assert list(loaded.scores) == ["certainty_ratio", "margin"] and loaded.q == 0.9 and loaded.source == {"run": "test"}
     assert loaded.threshold == bundle.threshold and loaded.temperature == bundle.temperature
     assert loaded.calibration == json.loads(json.dumps(bundle.calibration))
-    assert loaded.manifest_sha256 == bundle.manifest_sha256
+    assert (loaded.manifest_sha256, loaded.version, loaded.version_path) == (bundle.manifest_sha256, bundle.version, bundle.version_path)
+    assert loaded.path == path and loaded.version_path == path / VERSIONS_DIR / loaded.version
+    assert loaded.settings == bundle.settings and loaded.settings.scores == ("certainty_ratio", "margin")
     query = _data(50, seed=1)[0]
     assert torch.equal(loaded.primary.select(query)["selected"], bundle.primary.select(query)["selected"])
     described = describe_bundle(path)
     assert described["primary"] == "certainty_ratio" and described["n_units"] == 10
+    assert described["version"] == loaded.version and described["manifest_sha256"] == loaded.manifest_sha256
+    assert bundle_fingerprint(path) == loaded.manifest_sha256 == bundle_fingerprint(loaded.version_path)
 
-    # Saving another selector to the same directory replaces it and removes the old score files.
+    # Saving another selector to the same directory adds a version and switches the pointer;
+    # the first version and files that are not the bundle's stay untouched.
     (path / "unrelated.arrow").write_bytes(b"user file")
-    other = fit_selector(logits, labels, scores=["entropy"]).save(path)
-    names = sorted(p.name for p in other.iterdir())
-    assert names[0].startswith("entropy-") and names[1:] == [MANIFEST_NAME, "unrelated.arrow"]
-    assert list(load_bundle(path).scores) == ["entropy"]
+    first_files = {p.name: p.read_bytes() for p in loaded.version_path.iterdir()}
+    other = fit_selector(logits, labels, scores=["entropy"])
+    assert other.save(path) == path
+    assert sorted(p.name for p in path.iterdir()) == [POINTER_NAME, "unrelated.arrow", VERSIONS_DIR]
+    assert bundle_versions(path) == sorted([loaded.version, other.version])
+    assert {p.name: p.read_bytes() for p in loaded.version_path.iterdir()} == first_files
+    current = load_bundle(path)
+    assert list(current.scores) == ["entropy"] and current.version == other.version != loaded.version
+    assert list(load_bundle(loaded.version_path).scores) == ["certainty_ratio", "margin"]  # a version loads directly
+    assert load_bundle(loaded.version_path).path == path
 
 
-def _saved(tmp_path: Path) -> Path:
+def _saved(tmp_path: Path) -> SelectorBundle:
     logits, labels = _data(300)
-    return fit_selector(logits, labels).save(tmp_path / "bundle")
+    bundle = fit_selector(logits, labels)
+    bundle.save(tmp_path / "bundle")
+    return bundle
 
 
 def test_another_schema_version_is_a_clear_error(tmp_path: Path) -> None:
-    path = _saved(tmp_path)
-    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    version = _saved(tmp_path).version_path
+    manifest = json.loads((version / MANIFEST_NAME).read_text())
     manifest["schema_version"] = BUNDLE_SCHEMA_VERSION + 1
-    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    (version / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=f"schema version {BUNDLE_SCHEMA_VERSION + 1}.*reads schema version {BUNDLE_SCHEMA_VERSION}"):
-        load_bundle(path)
+        load_bundle(tmp_path / "bundle")
 
 
 def test_tampered_missing_or_foreign_files_are_refused(tmp_path: Path) -> None:
-    path = _saved(tmp_path)
-    score_file = next(path.glob("softmax-*.arrow"))
+    bundle = _saved(tmp_path)
+    path, version = bundle.path, bundle.version_path
+    score_file = version / "softmax.arrow"
     score_file.write_bytes(score_file.read_bytes() + b"x")
-    with pytest.raises(ValueError, match="does not match its SHA-256"):
+    with pytest.raises(ValueError, match="softmax.arrow' does not match its SHA-256"):
         load_bundle(path)
     score_file.unlink()
-    with pytest.raises(ValueError, match="is missing"):
+    with pytest.raises(ValueError, match="softmax.arrow' named by .*manifest.json' is missing"):
         load_bundle(path)
-    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    manifest = json.loads((version / MANIFEST_NAME).read_text())
     manifest["scores"][0]["file"] = "../escape.arrow"
-    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    (version / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="plain file-name stem"):
         load_bundle(path)
-    (path / MANIFEST_NAME).write_text('{"format": "something else"}')
+    (version / MANIFEST_NAME).write_text('{"format": "something else"}')
     with pytest.raises(ValueError, match="not a seapig_core selector bundle"):
         load_bundle(path)
-    with pytest.raises(ValueError, match="has no manifest"):
+    with pytest.raises(ValueError, match=f"has no {POINTER_NAME}"):
         load_bundle(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         load_bundle(tmp_path / "nowhere")
 
 
 def test_query_with_another_class_count_is_a_clear_error(tmp_path: Path) -> None:
-    bundle = load_bundle(_saved(tmp_path))
+    bundle = load_bundle(_saved(tmp_path).path)
     with pytest.raises(ValueError, match=r"10 logits per sample \(classes\).*\(12 per sample\)"):
         bundle.check_query(torch.zeros(4, 12))
     with pytest.raises(ValueError, match="must have shape"):

@@ -25,7 +25,7 @@ def _check_outputs(out: Path, n_batches: int) -> None:
     plots = {p.name for p in (out / "plots").glob("*.png")}
     assert {"calibration-density.png", "calibration-reliability.png", "calibration-risk-coverage.png"} <= plots
     assert {f"batch-{i:03d}-density.png" for i in range(n_batches)} <= plots
-    assert (out / "bundle" / "manifest.json").is_file() and any((out / "model").glob("*.safetensors"))
+    assert (out / "bundle" / "current.json").is_file() and any((out / "model").glob("*.safetensors"))
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -210,9 +210,10 @@ def test_bad_calibration_sources(parameters: dict, message: str, tmp_path: Path)
 def test_bundle_of_another_schema_version_is_rejected(calibrated: dict, digits: dict[str, Path], tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
     shutil.copytree(calibrated["bundle"], bundle)
-    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    manifest_path = load_bundle(bundle).version_path / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
     manifest["schema_version"] = 99
-    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
+    manifest_path.write_text(json.dumps(manifest))
     state = _failed_run(scoring_flow, bundle_dir=str(bundle), output_dir=str(tmp_path / "out"), logits_dir=str(digits["queries"]))
     assert "schema version 99" in state.message and "Re-run the calibration flow" in state.message
     assert not (tmp_path / "out").exists()

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import pytest
 
 import seapig_core
-from seapig_core.bundle import MANIFEST_NAME
 from seapig_core.selections import read_selections
 from tasks import check_bundle_task, fit_selector_task, score_batch_task
 from tasks._support import ContentCache
@@ -75,9 +74,7 @@ def test_score_cache_key_follows_content_and_library_version(
     out.unlink()
     assert _key(policy, score_batch_task, **parameters) is None
 
-    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
-    manifest["q"] = 0.5
-    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
+    fit_selector_task.fn(str(digits["calibration"]), str(bundle), ["softmax", "entropy"], q=0.5)  # a new bundle version
     score_batch_task.fn(**parameters)
     assert _key(policy, score_batch_task, **parameters) != key  # a recalibrated bundle re-scores
 
