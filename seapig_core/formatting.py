@@ -163,14 +163,19 @@ def format_value(value: Any, kind: str = "stat") -> str:
 
 # ASCII punctuation that can start markdown syntax anywhere in a line (CommonMark allows a
 # backslash before any ASCII punctuation; these are the ones with inline meaning, plus "|"
-# for GFM table cells and "#" for headings).
-_INLINE = re.compile(r"([\\`*_\[\]{}()!|~#])")
-_HTML = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}
+# for GFM table cells and "#" for headings). Python-Markdown knows these escapes too.
+_INLINE = re.compile(r"([\\`*_\[\]{}()!|#])")
+# As character references: "~" (GFM strikethrough; Python-Markdown has no "\~" escape) and
+# the HTML specials. A reference is never markdown syntax, and "&" itself is escaped first.
+_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "~": "&#126;"}
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _NEWLINES = re.compile(r"\r\n|\r|\n|\t|\u2028|\u2029")
-# Block markers that matter only at the start of a line: list items, ordered lists, setext
-# underlines, thematic breaks, block quotes (">" is already an entity).
-_LEADING = re.compile(r"^(\s*)([-+=]|\d+(?=[.)]))")
+# Block markers that matter only at the start of a line (">" is already an entity, "*" and
+# "#" are escaped everywhere): a bullet "- x" or "+ x", an ordered item "1. x" or "1) x", and
+# a line of "-" or "=" (setext underline, thematic break). "-5.2" or "0.150" are left alone.
+_BULLET = re.compile(r"^\s*[-+](?=\s|$)")
+_ORDERED = re.compile(r"^\s*\d{1,9}(?=[.)](?:\s|$))")
+_RULE = re.compile(r"^\s*[-=](?=[-=\s]*$)")
 
 
 def markdown_text(value: Any) -> str:
@@ -184,11 +189,11 @@ def markdown_text(value: Any) -> str:
     Returns
     -------
     str
-        One line of markdown. ``&``, ``<``, ``>`` and ``"`` become HTML entities (no raw HTML,
-        no entity injection); ``\\ ` * _ [ ] { } ( ) ! | ~ #`` are backslash-escaped (no links,
-        images, emphasis, code spans, strikethrough, headings, and no table-cell breaks); a
-        leading list, ordered-list or setext marker is escaped too; line breaks and tabs
-        become spaces, other control characters U+FFFD.
+        One line of markdown. ``&``, ``<``, ``>``, ``"`` and ``~`` become character references
+        (no raw HTML, no entity injection, no strikethrough); ``\\ ` * _ [ ] { } ( ) ! | #`` are
+        backslash-escaped (no links, images, emphasis, code spans, headings, and no table-cell
+        breaks); a leading list, ordered-list or setext marker is escaped too; line breaks and
+        tabs become spaces, other control characters U+FFFD.
 
     Examples
     --------
@@ -198,16 +203,15 @@ def markdown_text(value: Any) -> str:
     text = str(value)
     text = _NEWLINES.sub(" ", text)
     text = _CONTROL.sub("\ufffd", text)
-    text = "".join(_HTML.get(ch, ch) for ch in text)
     text = _INLINE.sub(r"\\\1", text)
-    match = _LEADING.match(text)
-    if match:
-        lead, marker = match.groups()
-        if marker.isdigit():  # "1. x" -> "1\. x"
-            end = match.end()
-            text = text[:end] + "\\" + text[end:]
-        else:
-            text = lead + "\\" + text[len(lead):]
+    text = "".join(_ENTITIES.get(ch, ch) for ch in text)  # after: "&#126;" keeps its "#"
+    ordered = _ORDERED.match(text)
+    if ordered:  # "1. x" -> "1\. x"
+        return text[: ordered.end()] + "\\" + text[ordered.end() :]
+    marker = _BULLET.match(text) or _RULE.match(text)
+    if marker:  # "- x" -> "\- x"
+        at = marker.end() - 1
+        return text[:at] + "\\" + text[at:]
     return text
 
 
