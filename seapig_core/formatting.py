@@ -15,6 +15,8 @@ looks the same everywhere:
 - ``threshold``: 4 significant digits, for thresholds and the scores compared with them
   (``-0.9123``);
 - ``pvalue``: three decimals (``0.032``, ``1.000``); ``< 0.001`` below that;
+- ``setting``: a value a person chose (a comparison temperature, a test's alpha, a drift
+  threshold), as short as it was typed: ``1``, ``0.95``, ``0.001`` (``format(value, "g")``);
 - ``text``: ``str(value)``.
 
 Missing and non-finite values (None, NaN) read ``n/a``; infinities ``inf``/``-inf``.
@@ -50,7 +52,7 @@ __all__ = [
 ]
 
 #: The kinds :func:`format_value` knows (see the module docstring).
-KINDS = ("count", "rate", "error", "stat", "threshold", "pvalue", "text")
+KINDS = ("count", "rate", "error", "stat", "threshold", "pvalue", "setting", "text")
 
 _MISSING = "n/a"
 
@@ -154,6 +156,9 @@ def format_value(value: Any, kind: str = "stat") -> str:
         return format_stat(value, 4)
     if kind == "pvalue":
         return format_pvalue(value)
+    if kind == "setting":
+        number = _number(value)
+        return _MISSING if number is None else (_infinite(number) or format(number, "g"))
     if kind == "text":
         return _MISSING if value is None else str(value)
     raise ValueError(f"The 'kind' parameter must be one of {list(KINDS)}. Got {kind!r} instead.")

@@ -54,6 +54,9 @@ def test_the_issues_numbers_get_one_format() -> None:
         (float("inf"), "stat", "inf"),
         (-np.inf, "rate", "-inf"),
         ("softmax", "text", "softmax"),
+        (1.0, "setting", "1"),
+        (0.95, "setting", "0.95"),
+        (0.001, "setting", "0.001"),
     ],
 )
 def test_format_value_by_kind(value, kind, expected) -> None:
@@ -61,7 +64,7 @@ def test_format_value_by_kind(value, kind, expected) -> None:
 
 
 def test_format_functions_and_bad_kind() -> None:
-    assert set(KINDS) == {"count", "rate", "error", "stat", "threshold", "pvalue", "text"}
+    assert set(KINDS) == {"count", "rate", "error", "stat", "threshold", "pvalue", "setting", "text"}
     assert format_count(None) == format_rate(None) == format_stat(None) == format_pvalue(None) == "n/a"
     assert format_rate(0.12345, decimals=2) == "12.35%" and format_stat(0.123456, digits=4) == "0.1235"
     with pytest.raises(ValueError, match=r"The 'kind' parameter must be one of \['count', .*\]. Got 'percent' instead."):
