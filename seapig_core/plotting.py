@@ -55,6 +55,7 @@ __all__ = [
     "SCORE_AXES",
     "ScoreAxis",
     "figure_to_png",
+    "plain_text",
     "plot_drift_trend",
     "plot_reliability_diagram",
     "plot_risk_coverage",
@@ -111,6 +112,15 @@ def score_axis(score: str | None, score_name: str = "uncertainty score") -> Scor
     if score is not None and score in SCORE_AXES:
         return SCORE_AXES[score]
     return ScoreAxis(1.0, f"{score_name} (higher = more uncertain)")
+
+
+def plain_text(text: Any) -> str:
+    """``str(text)`` with ``$`` escaped, so that matplotlib never reads a user string as mathtext.
+
+    A batch or class name such as ``"$x"`` or ``"a$b$c"`` would otherwise be typeset, or fail
+    to parse and raise while drawing. Use it for every user string in titles and legends.
+    """
+    return str(text).replace("$", r"\$")
 
 
 def _new_axes(ax: Axes | None, figsize: tuple[float, float] = (8.0, 4.5)) -> tuple[Figure, Axes]:
@@ -482,7 +492,7 @@ def _representatives(
 
 
 def _class_label(index: int, class_names: Sequence[str] | None) -> str:
-    return f"{class_names[index]} ({index})" if class_names is not None else f"class {index}"
+    return f"{plain_text(class_names[index])} ({index})" if class_names is not None else f"class {index}"
 
 
 def plot_temperature_effect(
@@ -714,7 +724,7 @@ def plot_drift_trend(
     if "batch" in frame.columns and 1 < frame["batch"].nunique() <= 8:
         groups = [(str(b), g) for b, g in frame.groupby("batch", sort=True)]
     for i, (batch, group) in enumerate(groups):
-        suffix = f" ({batch})" if batch is not None else ""
+        suffix = f" ({plain_text(batch)})" if batch is not None else ""
         color = f"C{i}" if batch is not None else _ACCEPTED_COLOR
         rate_ax.plot(group["_x"], group["rejection_rate"], marker="o", markersize=4, color=color,
                      label=f"rejection rate{suffix}")
