@@ -46,7 +46,7 @@ from seapig_core._validation import check_positive_int
 from seapig_core.bundle import SelectorBundle
 from seapig_core.drift import VERDICTS, check_drift_thresholds
 from seapig_core.formatting import format_value, markdown_table, markdown_text
-from seapig_core.plotting import figure_to_png, plain_text, plot_score_density
+from seapig_core.plotting import SCORE_AXES, figure_to_png, plain_text, plot_score_density
 from seapig_core.review import check_class_names, format_review_queue, review_queue
 
 __all__ = [
@@ -515,7 +515,15 @@ def scoring_report(
         for batch in order
     ]
 
-    queues = {batch: format_review_queue(review_queue(batches[batch], n=queue_rows, class_names=names)) for batch in order}
+    queues = {
+        batch: format_review_queue(review_queue(batches[batch], n=queue_rows, class_names=names), score=bundle.primary_name)
+        for batch in order
+    }
+    axis = SCORE_AXES.get(bundle.primary_name)
+    shown_score = (
+        ("value", axis.label.split(" (")[0]) if axis is not None and axis.rejects_low
+        else ("score", f"score ({bundle.primary_name})")
+    )
     stems = _figure_stems(list(batches))
     figures: dict[str, Figure] = {}
     primary = bundle.primary
@@ -586,7 +594,7 @@ def scoring_report(
                     "",
                     markdown_table(shown, [
                         ("rank", "#"), ("sample_id", "sample id"), ("prediction", "prediction"), ("runner_up", "runner-up"),
-                        ("certainty_ratio", "certainty ratio"), ("score", f"score ({bundle.primary_name})"),
+                        ("certainty_ratio", "certainty ratio"), shown_score,
                     ]),
                 ]
             else:

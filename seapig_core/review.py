@@ -171,12 +171,15 @@ def _label_text(index: Any, name: Any) -> str:
     return f"{name} ({int(index)})" if isinstance(name, str) else str(int(index))
 
 
-def format_review_queue(queue: pd.DataFrame) -> list[dict[str, str]]:
+def format_review_queue(queue: pd.DataFrame, score: str | None = None) -> list[dict[str, str]]:
     """Display rows of a :func:`review_queue`: every value a string in the one number format.
 
     Keys: ``rank`` (1-based), ``sample_id``, ``prediction``, ``runner_up``,
     ``certainty_ratio``, ``score`` (4 significant digits, like the threshold it was compared
-    with). A named class reads ``"cat (3)"``; multilabel predictions list the predicted labels
+    with). With ``score`` naming a registry score that is a negated familiar quantity (e.g.
+    ``"softmax"``, see :data:`seapig_core.plotting.SCORE_AXES`), rows also have ``value``: that
+    quantity (the max softmax probability, ...), as on the density plot's axis. A named class
+    reads ``"cat (3)"``; multilabel predictions list the predicted labels
     (``"cat, dog"`` or ``"1, 2"``; ``"none"``); a sample with non-finite logits reads
     ``"n/a (non-finite logits)"``. The strings are not markdown-escaped: pass them through
     :func:`seapig_core.formatting.markdown_cell` for markdown (a Prefect table artifact shows
@@ -188,6 +191,10 @@ def format_review_queue(queue: pd.DataFrame) -> list[dict[str, str]]:
     if missing:
         raise ValueError(f"The 'queue' parameter must have the columns {missing} (see review_queue). Got {list(queue.columns)}.")
     named = "prediction_name" in queue.columns
+    from seapig_core.plotting import SCORE_AXES
+
+    axis = SCORE_AXES.get(score) if score is not None else None
+    flipped = axis is not None and axis.rejects_low
     rows = []
     for rank, row in enumerate(queue.itertuples(index=False), start=1):
         values = row._asdict()
@@ -207,4 +214,6 @@ def format_review_queue(queue: pd.DataFrame) -> list[dict[str, str]]:
             "certainty_ratio": format_value(values["certainty_ratio"], "stat"),
             "score": format_value(values["score"], "threshold"),
         })
+        if flipped:
+            rows[-1]["value"] = format_value(axis.value(values["score"]), "threshold")  # type: ignore[union-attr]
     return rows

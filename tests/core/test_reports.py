@@ -163,6 +163,8 @@ def test_scoring_report_verdicts_queues_and_provenance(bundle) -> None:
     assert f"Review queue: 5 of {drifted['rejected']} rejected samples, most uncertain first" in text
     scores = [float(row["score"]) for row in queue]
     assert scores == sorted(scores, reverse=True)
+    assert "| certainty ratio | max softmax probability |" in markdown  # the queue shows the confidence, like the plot
+    assert all(float(row["value"]) == pytest.approx(-float(row["score"]), abs=1e-4) for row in queue)
     assert len(_IMAGE.findall(markdown)) == 3 and set(report.figures) == {
         "batch-000-density", "x_javascript_alert_1_injected_cell-density", "tiny-density",
     }

@@ -98,6 +98,10 @@ def test_queue_of_a_real_selections_file(tmp_path) -> None:
     row = queue.iloc[1]
     assert display[1]["prediction"] == f"{row['prediction_name']} ({row['prediction']})"
     assert display[1]["score"] == format(row["score"], "#.4g") and all(isinstance(v, str) for v in display[1].values())
+    assert "value" not in display[1]
+    confidence = format_review_queue(queue, score="softmax")[1]
+    assert confidence["value"] == format(-row["score"], "#.4g")  # the max softmax probability
+    assert "value" not in format_review_queue(queue, score="entropy")[1]  # entropy is shown as it is
 
 
 def test_multilabel_queue() -> None:
