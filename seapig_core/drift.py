@@ -394,6 +394,7 @@ def drift_statistics(
         difference = rate - expected
         direction = "above" if difference > 0 else "below"
         significant = rate_p < limits.alpha
+        margin = f"{100 * limits.rate_margin:g} percentage points"
         tests = (
             f"exact binomial test {_p(binomial)}, {_p(rate_p)} allowing for the "
             f"{format_count(calibration.size)} calibration samples"
@@ -401,12 +402,12 @@ def drift_statistics(
         if significant and abs(difference) >= limits.rate_margin:
             drift_reasons.append(
                 f"The rejection rate {format_rate(rate)} is {direction} the expected {format_rate(expected)} "
-                f"by more than the {format_rate(limits.rate_margin)} margin ({counts}; {tests})."
+                f"by at least {margin} ({counts}; {tests})."
             )
         elif significant:
             other_reasons.append(
                 f"The rejection rate {format_rate(rate)} is {direction} the expected {format_rate(expected)} "
-                f"({tests}), but by less than the {format_rate(limits.rate_margin)} margin."
+                f"({tests}), but by less than {margin}."
             )
         else:
             other_reasons.append(

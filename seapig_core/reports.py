@@ -568,7 +568,7 @@ def scoring_report(
         "",
         f"Verdicts: drift when the rejection rate or the score distribution differs significantly "
         f"(p < {format_value(limits.alpha, 'setting')}) and materially (rate by at least "
-        f"{format_value(limits.rate_margin, 'rate')}, KS at least {format_value(limits.ks_statistic, 'setting')} "
+        f"{format_value(100 * limits.rate_margin, 'setting')} percentage points, KS at least {format_value(limits.ks_statistic, 'setting')} "
         f"or PSI at least {format_value(limits.psi, 'setting')}); batches under "
         f"{format_value(limits.min_samples, 'count')} samples get no verdict.",
     ]

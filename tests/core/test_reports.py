@@ -147,7 +147,7 @@ def test_scoring_report_verdicts_queues_and_provenance(bundle) -> None:
     assert "Selections file: /out/evil.selections.parquet" in text
     drifted = next(row for row in report.table if row["verdict"] == "drift")
     rate = format_value(drifted["rejection_rate"], "rate")
-    assert f"The rejection rate {rate} is above the expected 5.0% by more than the 5.0% margin" in text  # reasons
+    assert f"The rejection rate {rate} is above the expected 5.0% by at least 5 percentage points" in text  # reasons
     assert "Only 12 samples: a verdict needs at least 100" in text
 
     rendered = _render(markdown)
