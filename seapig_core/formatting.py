@@ -214,9 +214,9 @@ def markdown_text(value: Any) -> str:
     if ordered:  # "1. x" -> "1\. x"
         return text[: ordered.end()] + "\\" + text[ordered.end() :]
     marker = _BULLET.match(text) or _RULE.match(text)
-    if marker:  # "- x" -> "\- x"
+    if marker:  # "- x" -> "\- x"; "=" as a reference (Python-Markdown has no "\=" escape)
         at = marker.end() - 1
-        return text[:at] + "\\" + text[at:]
+        return text[:at] + ("&#61;" if text[at] == "=" else "\\" + text[at]) + text[at + 1 :]
     return text
 
 

@@ -7,6 +7,8 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from seapig_core.formatting import (
     KINDS,
@@ -78,6 +80,7 @@ def test_markdown_text_escapes_every_markdown_and_html_construct() -> None:
     assert markdown_text("a\nb\r\nc\td") == "a b c d"
     assert markdown_text("bell\x07") == "bell\ufffd"
     assert markdown_text("- item") == r"\- item" and markdown_text("12. item") == r"12\. item" and markdown_text("---") == r"\---"
+    assert markdown_text("==") == "&#61;="
     assert markdown_text("-5.2") == "-5.2" and markdown_text("0.150") == "0.150"
     assert markdown_text("batch-002") == "batch-002" and markdown_text(42) == "42"
     assert markdown_cell("") == " " and markdown_cell(None) == "n/a" and markdown_cell(0.1502) == "0.150"
@@ -124,3 +127,24 @@ def test_rendered_table_has_literal_text_and_no_links(renderer: str) -> None:
     assert cells[1] == [HOSTILE, "250", "20.0%"]
     assert cells[2][0] == "<img src=x onerror=alert(1)>"
     assert cells[3][0] == "**b** `c` ![i](x.png) # h | new | row |"
+
+
+_PRINTABLE = "".join(chr(c) for c in range(32, 127)) + "éß中\u00a0"
+
+
+def _render_with(renderer: str, text: str) -> str:
+    if renderer == "python-markdown":
+        return pytest.importorskip("markdown").markdown(text, extensions=["tables"])
+    return pytest.importorskip("markdown_it").MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(text)
+
+
+@pytest.mark.parametrize("renderer", ["python-markdown", "markdown-it"])
+@settings(max_examples=300, deadline=None)
+@given(value=st.text(alphabet=_PRINTABLE, max_size=40))
+def test_any_text_renders_as_itself_in_one_cell(renderer: str, value: str) -> None:
+    table = markdown_table([{"a": value, "b": "end"}], [("a", "a"), ("b", "b")])
+    rendered = _render_with(renderer, table)
+    cells = _cells(rendered)
+    assert [len(row) for row in cells] == [2, 2]
+    assert cells[1] == [value.strip(), "end"]  # cells are trimmed; everything else is literal
+    assert "<a " not in rendered and "<img" not in rendered and "<code>" not in rendered
