@@ -180,12 +180,28 @@ def score_file(
     return {"batch": batch, "path": str(path), **summarize_selections(bundle, table)}
 
 
-def calibration_review(bundle_dir: str | os.PathLike[str], plot_dir: str | os.PathLike[str] | None = None) -> Report:
+def calibration_review(
+    bundle_dir: str | os.PathLike[str],
+    plot_dir: str | os.PathLike[str] | None = None,
+    *,
+    provenance: Mapping[str, Any] | None = None,
+) -> Report:
     """The calibration report of a saved bundle (:func:`seapig_core.reports.calibration_report`).
 
-    With ``plot_dir``, its figures are also written there as PNG files.
+    Parameters
+    ----------
+    bundle_dir : str or Path
+        The bundle.
+    plot_dir : str or Path, optional
+        Also write the report's figures there as PNG files.
+    provenance : mapping, optional
+        What the report describes (``deployment``, ``flow_run``, ``input_files``, ...; see
+        :mod:`seapig_core.reports`); ``bundle_dir`` defaults to ``bundle_dir``.
     """
-    report = calibration_report(load_bundle(bundle_dir))
+    bundle = load_bundle(bundle_dir)
+    given = dict(provenance or {})
+    given.setdefault("bundle_dir", str(Path(bundle_dir)))
+    report = calibration_report(bundle, provenance=given)
     if plot_dir is not None:
         report.save_figures(plot_dir)
     return report
@@ -195,14 +211,43 @@ def scoring_review(
     bundle_dir: str | os.PathLike[str],
     selections: Mapping[str, str | os.PathLike[str]],
     plot_dir: str | os.PathLike[str] | None = None,
+    *,
+    provenance: Mapping[str, Any] | None = None,
+    history: Any = None,
+    thresholds: Any = None,
+    queue_rows: int = 10,
 ) -> Report:
     """The scoring report of selections files by batch name (:func:`seapig_core.reports.scoring_report`).
 
-    With ``plot_dir``, the density plots are also written there as ``<batch>-density.png``.
+    Made to be called from a task with paths and small dicts.
+
+    Parameters
+    ----------
+    bundle_dir : str or Path
+        The bundle the batches were scored with.
+    selections : mapping of str to path
+        Selections files (:func:`score_file`) by batch name.
+    plot_dir : str or Path, optional
+        Also write the figures there (``<batch>-density.png``, ``scoring-trend.png``).
+    provenance : mapping, optional
+        What the report describes (see :mod:`seapig_core.reports`); ``bundle_dir`` and
+        ``selections_files`` default to the arguments.
+    history : pandas.DataFrame or list of dict, optional
+        Past runs for the trend chart (:func:`seapig_core.plotting.plot_drift_trend`).
+    thresholds : DriftThresholds or mapping, optional
+        The drift verdict's thresholds, e.g. a deployment parameter
+        (:class:`seapig_core.drift.DriftThresholds`).
+    queue_rows : int, default 10
+        Rows of each batch's review queue.
     """
     bundle = load_bundle(bundle_dir)
     tables = {batch: read_selections(path) for batch, path in selections.items()}
-    report = scoring_report(bundle, tables)
+    given = dict(provenance or {})
+    given.setdefault("bundle_dir", str(Path(bundle_dir)))
+    given.setdefault("selections_files", {batch: str(path) for batch, path in selections.items()})
+    report = scoring_report(
+        bundle, tables, provenance=given, history=history, thresholds=thresholds, queue_rows=queue_rows
+    )
     if plot_dir is not None:
         report.save_figures(plot_dir)
     return report

@@ -204,40 +204,68 @@ def read_selections(path: str | os.PathLike[str]) -> pd.DataFrame:
     return table
 
 
-def summarize_selections(bundle: SelectorBundle, table: pd.DataFrame) -> dict[str, Any]:
-    """Numbers a reviewer compares with the calibration, for one selections table.
+def summarize_selections(bundle: SelectorBundle, table: pd.DataFrame, thresholds: Any = None) -> dict[str, Any]:
+    """Numbers a reviewer compares with the calibration for one selections table, and a drift verdict.
+
+    Parameters
+    ----------
+    bundle : SelectorBundle
+        The selector the table was scored with.
+    table : pandas.DataFrame
+        A selections table (:func:`selections_table` or :func:`read_selections`).
+    thresholds : DriftThresholds or mapping, optional
+        The drift verdict's thresholds (:class:`seapig_core.drift.DriftThresholds`); the
+        defaults when omitted.
 
     Returns
     -------
     dict
-        ``samples``, ``selected``, ``rejected``, ``rejection_rate``,
+        JSON-serialisable: ``samples``, ``selected``, ``rejected``, ``rejection_rate``,
         ``expected_rejection_rate`` (the share of calibration samples the threshold rejects,
         about ``1 - q`` for a quantile threshold), ``non_finite`` (samples with non-finite
-        logits), ``mean_score`` and ``calibration_mean_score``, and the two-sample
-        Kolmogorov-Smirnov statistic and p-value of the finite query scores against the
-        calibration scores (``ks_statistic``, ``ks_pvalue``; None without finite query
-        scores): a large statistic means the query data drifted from the calibration data.
-    """
-    from scipy import stats
+        logits), ``mean_score`` and ``calibration_mean_score``, and the drift statistics of
+        :func:`seapig_core.drift.drift_statistics`: ``binomial_pvalue``, ``rate_pvalue``,
+        ``calibration_samples``, ``ks_statistic``, ``ks_pvalue``, ``psi`` (the last three None
+        without finite query scores), ``verdict`` (``"ok"``, ``"drift"``, ``"insufficient"``),
+        ``reasons`` (sentences) and ``thresholds`` (as a dict).
 
+    Raises
+    ------
+    ValueError
+        For an empty table or one without ``score``/``selected``.
+
+    Notes
+    -----
+    The counts come from the table's ``selected`` column (the decisions that were written),
+    the distribution statistics from its ``score`` column.
+    """
+    from seapig_core.drift import drift_statistics
+
+    if not isinstance(table, pd.DataFrame):
+        raise TypeError(f"The 'table' parameter must be a pandas DataFrame. Got {type(table).__name__} instead.")
     if len(table) == 0:
         raise ValueError("The 'table' parameter must have at least one row. Got an empty table.")
+    missing = [c for c in ("score", "selected") if c not in table.columns]
+    if missing:
+        raise ValueError(f"The 'table' parameter must have the columns {missing}. Got {list(table.columns)} instead.")
     query = table["score"].to_numpy(dtype=np.float64)
     calibration = _numpy(bundle.primary.scores).astype(np.float64)  # type: ignore[arg-type]
-    finite = query[np.isfinite(query)]
     calibration = calibration[np.isfinite(calibration)]
-    selected = int(table["selected"].sum())
+    selected = table["selected"].to_numpy(dtype=bool)
+    drift = drift_statistics(
+        query, calibration, bundle.threshold, bundle.expected_rejection_rate, thresholds, rejected=~selected
+    )
+    finite = query[np.isfinite(query)]
     n = len(table)
-    ks = stats.ks_2samp(finite, calibration) if finite.size else None
-    return {
+    summary: dict[str, Any] = {
         "samples": n,
-        "selected": selected,
-        "rejected": n - selected,
-        "rejection_rate": (n - selected) / n,
-        "expected_rejection_rate": bundle.expected_rejection_rate,
-        "non_finite": int(n - finite.size),
+        "selected": int(selected.sum()),
+        "rejected": drift["rejected"],
+        "rejection_rate": drift["rejection_rate"],
+        "expected_rejection_rate": drift["expected_rejection_rate"],
+        "non_finite": drift["non_finite"],
         "mean_score": float(finite.mean()) if finite.size else None,
         "calibration_mean_score": float(calibration.mean()),
-        "ks_statistic": None if ks is None else float(ks.statistic),
-        "ks_pvalue": None if ks is None else float(ks.pvalue),
     }
+    summary.update({k: v for k, v in drift.items() if k not in summary})
+    return summary
