@@ -66,10 +66,10 @@ def test_calibration_flow_writes_bundle_and_artifacts(calibrated: dict) -> None:
 
     markdown = artifacts["calibration-report"].data
     images = _pngs(markdown)
-    assert len(images) == 3 and all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in images)
+    assert len(images) == 4 and all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in images)
     assert "Reliability diagram" in markdown and "Risk-coverage" in markdown
     assert sorted(p.name for p in calibrated["plots"].glob("*.png")) == [
-        "calibration-density.png", "calibration-reliability.png", "calibration-risk-coverage.png",
+        "calibration-density.png", "calibration-reliability.png", "calibration-risk-coverage.png", "calibration-temperature.png",
     ]
 
 

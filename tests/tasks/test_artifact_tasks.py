@@ -23,8 +23,8 @@ def test_publish_calibration_and_scoring_artifacts(digits: dict[str, Path], tmp_
     rows = {row["metric"]: row["value"] for row in json.loads(table.data)}
     assert {"ece_before", "ece_after", "aurc", "guaranteed_threshold", "risk_bound"} <= set(rows)
     markdown = read_artifact_by_id(ids["calibration-report"])
-    assert markdown.type == "markdown" and markdown.data.count("data:image/png;base64,") == 3
-    assert len(list((tmp_path / "plots").glob("*.png"))) == 3
+    assert markdown.type == "markdown" and markdown.data.count("data:image/png;base64,") == 4
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 4
 
     selections = {
         name: score_batch_task.fn(bundle, str(digits["queries"] / f"{name}.npz"), str(tmp_path / "out"), name)["path"]
