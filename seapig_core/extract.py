@@ -117,14 +117,17 @@ class Extraction:
 
     @property
     def logits(self) -> torch.Tensor:
+        """The logits (read from the store on first access)."""
         return self._memory[0] if self._memory is not None else self.stored.logits
 
     @property
     def labels(self) -> torch.Tensor | None:
+        """The labels, or None (read from the store on first access)."""
         return self._memory[1] if self._memory is not None else self.stored.labels
 
     @property
     def sample_ids(self) -> np.ndarray:
+        """The sample ids (read from the store on first access)."""
         return self._memory[2] if self._memory is not None else self.stored.sample_ids
 
     @property
@@ -134,10 +137,12 @@ class Extraction:
 
     @property
     def path(self) -> Path | None:
+        """The store's data file, or None without ``outdir``."""
         return None if self.stored is None else self.stored.path
 
     @property
     def fingerprint(self) -> str | None:
+        """The store entry's fingerprint key, or None without ``outdir``."""
         return None if self.stored is None else self.stored.fingerprint
 
 

@@ -543,7 +543,11 @@ class LogitsWriter:
             return bool(stack.__exit__(exc_type, exc, tb))
         # The old manifest goes first: a run killed from here on leaves a data file without a
         # manifest (never served), never a new data file beside the old entry's manifest.
-        _manifest_path(self.path).unlink(missing_ok=True)
+        try:
+            _manifest_path(self.path).unlink(missing_ok=True)
+        except BaseException as error:
+            stack.__exit__(type(error), error, error.__traceback__)  # removes the temporary file
+            raise
         stack.__exit__(None, None, None)  # fsync, rename into place
         _write_manifest(_manifest_path(self.path), self._manifest)
         return False
@@ -563,6 +567,10 @@ class LogitsWriter:
         label = None
         if labels is not None:
             dtype = _label_numpy_dtype(labels.dtype)
+            if 0 in labels.shape[1:]:
+                raise ValueError(
+                    f"Labels must have at least one value per sample to be stored. Got shape {tuple(labels.shape)} instead."
+                )
             label = {"dtype": "bool" if dtype == np.bool_ else dtype.name, "shape": list(labels.shape[1:])}
         id_kind = "string" if sample_ids.dtype.kind in "OUS" else "int64"
         if self._shape is None:

@@ -825,3 +825,24 @@ def test_a_miss_says_which_part_of_the_fingerprint_changed(tmp_path, caplog):
     with caplog.at_level("INFO", logger="seapig_core.store"):
         run(model, tensor_loader(20), tmp_path)
     assert "its model changed" in caplog.text
+
+
+def test_a_store_extraction_is_read_lazily(tmp_path, monkeypatch):
+    run(LinearNet(), tensor_loader(50), tmp_path)
+    hashed = []
+    real = store._checksum
+    monkeypatch.setattr(store, "_checksum", lambda data: hashed.append(memoryview(data).nbytes) or real(data))
+    hit = run(LinearNet(), tensor_loader(50), tmp_path)
+    assert hit.from_cache and hit.n_samples == 50 and hit.path == tmp_path / "cal.logits.arrow"
+    assert len(hashed) == 1  # the footer: nothing read yet
+    assert hit.stored.logits_shape == (50, 4) and hit.fingerprint == hit.stored.fingerprint
+    assert hit.logits.shape == (50, 4) and len(hashed) == 2  # read (and verified) on first access
+    assert "n_samples=50" in repr(hit) and "cal.logits.arrow" in repr(hit)
+
+
+def test_labels_with_an_empty_axis_are_refused_when_written(tmp_path):
+    path, _ = entry_paths(tmp_path, "e")
+    with pytest.raises(ValueError, match=r"Labels must have at least one value per sample to be stored\. Got shape \(3, 0\)"):
+        with LogitsWriter(path) as writer:
+            writer.append(torch.zeros(3, 2), torch.zeros(3, 0), np.arange(3))
+    assert listing(tmp_path) == []
