@@ -846,3 +846,13 @@ def test_labels_with_an_empty_axis_are_refused_when_written(tmp_path):
         with LogitsWriter(path) as writer:
             writer.append(torch.zeros(3, 2), torch.zeros(3, 0), np.arange(3))
     assert listing(tmp_path) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_extraction_is_stored_and_served_to_a_cpu_run(tmp_path):
+    out = run(LinearNet().cuda(), tensor_loader(64, batch_size=16, pin_memory=True), tmp_path)
+    assert out.logits.device.type == "cpu" and out.logits.dtype == torch.float32
+    assert load_logits(out.path).logits.device.type == "cpu"
+    served = run(LinearNet(), tensor_loader(64, batch_size=16), tmp_path)  # the same weights, on the CPU
+    assert served.from_cache and torch.equal(served.logits, out.logits)
+    torch.testing.assert_close(served.logits, extract_logits(LinearNet(), tensor_loader(64), progress=False).logits)
