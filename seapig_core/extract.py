@@ -34,13 +34,13 @@ every submodule's training flag afterwards, also on error. Each batch's logits c
 the CPU as float32 before the next batch runs, so nothing accumulates on the accelerator.
 
 With ``outdir``, results go to the fingerprinted logits store (:mod:`seapig_core.store`,
-which documents the fingerprint and how to force a refresh): batches stream to disk, so memory
-stays bounded, and the returned logits are memory-mapped from the store.
+which documents the fingerprint, the cache policy and how to force a refresh): batches stream to
+disk in chunks, so memory stays bounded, and the result is the store entry, read chunk by chunk
+(``Extraction.stored.iter_chunks``) or materialised on first access to ``logits``.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import sys
@@ -65,42 +65,85 @@ DEFAULT_ID_KEYS: tuple[str, ...] = ("id", "sample_id", "ids", "sample_ids")
 
 ProgressCallback = Callable[[int, "int | None"], Any]
 
-logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, eq=False)
 class Extraction:
     """What :func:`extract_logits` returns.
+
+    Without ``outdir`` the logits, labels and ids are in memory. With ``outdir`` the result is
+    the store entry (:attr:`stored`), opened in milliseconds; ``logits``, ``labels`` and
+    ``sample_ids`` are then materialised (and verified) on first access, and
+    ``stored.iter_chunks(max_rows)`` reads the entry chunk by chunk in bounded memory instead.
 
     Attributes
     ----------
     logits : torch.Tensor
-        CPU float32, ``(N, *trailing)`` in the model's output shape. Memory-mapped
-        (copy-on-write) from the store when ``outdir`` was given.
+        CPU float32, ``(N, *trailing)`` in the model's output shape; an ordinary in-memory tensor.
     labels : torch.Tensor or None
         ``(N, ...)`` labels from the batches, or None when the batches carry none.
     sample_ids : numpy.ndarray
         ``(N,)``: int64 running index by default, else the batches' ids (int64, or an object
         array of str).
+    n_samples : int
+        N (known without materialising anything).
     from_cache : bool
         Whether the result was served from the store without running the model.
+    stored : seapig_core.store.StoredLogits or None
+        The store entry, or None without ``outdir``.
     path : pathlib.Path or None
         The store's data file, or None without ``outdir``.
     fingerprint : str or None
         The store entry's fingerprint key, or None without ``outdir``.
     """
 
-    logits: torch.Tensor
-    labels: torch.Tensor | None
-    sample_ids: np.ndarray
-    from_cache: bool = False
-    path: Path | None = None
-    fingerprint: str | None = None
+    __slots__ = ("_memory", "from_cache", "stored")
+
+    def __init__(
+        self,
+        memory: tuple[torch.Tensor, torch.Tensor | None, np.ndarray] | None = None,
+        *,
+        stored: store.StoredLogits | None = None,
+        from_cache: bool = False,
+    ) -> None:
+        if (memory is None) == (stored is None):
+            raise TypeError("Extraction holds either in-memory results or a store entry, exactly one.")
+        self._memory = memory
+        self.stored = stored
+        self.from_cache = from_cache
+
+    def __repr__(self) -> str:
+        where = "memory" if self.stored is None else repr(str(self.stored.path))
+        return f"Extraction(n_samples={self.n_samples}, from_cache={self.from_cache}, in={where})"
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The logits (read from the store on first access)."""
+        return self._memory[0] if self._memory is not None else self.stored.logits
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """The labels, or None (read from the store on first access)."""
+        return self._memory[1] if self._memory is not None else self.stored.labels
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        """The sample ids (read from the store on first access)."""
+        return self._memory[2] if self._memory is not None else self.stored.sample_ids
 
     @property
     def n_samples(self) -> int:
         """N, the number of samples."""
-        return int(self.logits.shape[0])
+        return int(self._memory[0].shape[0]) if self._memory is not None else self.stored.n_samples
+
+    @property
+    def path(self) -> Path | None:
+        """The store's data file, or None without ``outdir``."""
+        return None if self.stored is None else self.stored.path
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The store entry's fingerprint key, or None without ``outdir``."""
+        return None if self.stored is None else self.stored.fingerprint
 
 
 # ---------------------------------------------------------------------------- checks
@@ -603,8 +646,7 @@ def extract_logits(
         _check_loader(loader, needs_second_pass=False)
         sink = _MemorySink(_total_rows(loader))
         _run(model, logits_fn, loader, keys, sink, None, progress, progress_callback)
-        logits, labels, sample_ids = sink.result()
-        return Extraction(logits, labels, sample_ids)
+        return Extraction(sink.result())
 
     if prefix is not None:
         check_file_stem(prefix, "prefix")
@@ -621,29 +663,23 @@ def extract_logits(
     }
 
     if not refresh:
-        manifest = store.read_manifest(directory, prefix)
-        recorded = None if manifest is None else manifest["fingerprint"]
-        changed = [k for k, v in components.items() if k != "data" and (recorded or {}).get(k) != v]
-        if recorded is not None and changed:
-            logger.info("Recomputing logits store entry %s: its %s changed.", data_path, ", ".join(changed))
-        # Fingerprint the data (a pass over the loader) only when the rest already matches.
-        if recorded is not None and not changed:
-            if components["data"] is None:
-                components["data"] = {"kind": "content", "value": _hash_loader(loader, keys, progress)}
-            key = store.fingerprint_key(components)
-            stored = store.load_entry(directory, prefix, key, manifest)
-            if stored is not None:
-                return Extraction(stored.logits, stored.labels, stored.sample_ids, True, data_path, key)
+        # The store's policy; the data is fingerprinted (a pass over the loader) only when the
+        # rest of the fingerprint already matches the entry's.
+        def content() -> dict[str, str]:
+            return {"kind": "content", "value": _hash_loader(loader, keys, progress)}
+
+        wanted = {**components, "data": components["data"] or content}
+        stored = store.lookup(directory, prefix, wanted)
+        if stored is not None:
+            return Extraction(stored=stored, from_cache=True)
 
     # Key the entry by the data the model actually saw: even after a lookup pass, hash again,
     # since a loader need not yield the same data twice (e.g. a seeded shuffle that advances).
     hasher = store.DataFingerprint() if data_fingerprint is None else None
-    placeholder = {"kind": "content", "value": "0" * 64}
-    hint = {**components, "data": placeholder if hasher is not None else components["data"]}
-    with store.LogitsWriter(data_path, fingerprint_hint=hint) as writer:
+    with store.LogitsWriter(data_path) as writer:
         _run(model, logits_fn, loader, keys, writer, hasher, progress, progress_callback)
         if hasher is not None:
             components["data"] = {"kind": "content", "value": hasher.hexdigest()}
         key = store.fingerprint_key(components)
         stored = writer.commit({**components, "key": key})
-    return Extraction(stored.logits, stored.labels, stored.sample_ids, False, data_path, key)
+    return Extraction(stored=stored)

@@ -1,51 +1,66 @@
 """The fingerprinted on-disk logits store: one Arrow IPC file per entry, plus a JSON manifest.
 
-An entry is named by ``outdir`` and ``prefix`` (see :func:`entry_paths`):
+Files
+-----
+An entry is named by ``outdir`` and ``prefix``; :func:`entry_paths` and :func:`is_entry` are the
+only places that know the names:
 
-- ``{prefix}.logits.arrow``: an Arrow IPC *file* (``pyarrow.ipc.open_file``,
-  ``pandas.read_feather``) holding one record batch with the columns
+- ``{prefix}.logits.arrow`` (``logits.arrow`` without a prefix): a plain Arrow IPC *file*
+  written by ``pyarrow.ipc.new_file``, one record batch per chunk of :data:`BATCH_ROWS` rows
+  (fewer for very wide logits), readable by ``pyarrow.ipc.open_file`` and
+  ``pandas.read_feather``. Columns:
 
   - ``logits``: ``FixedSizeList<float32>[W]``, each sample's logits flattened row-major
     (``W`` is the product of the model's trailing output shape);
   - ``sample_id``: ``int64`` (the running index, or the batch's integer ids) or
     ``large_string`` (string ids);
-  - ``label`` (when the batches carry labels): a primitive column, or
-    ``FixedSizeList<dtype>[L]`` for per-sample label vectors (e.g. multilabel targets).
+  - ``label`` (when the batches carry labels): a primitive column (``bool``, integers or
+    floats), or ``FixedSizeList<dtype>[L]`` for per-sample label vectors (multilabel targets).
 
-  The schema metadata key ``seapig_core`` holds JSON: ``format`` (``"seapig_core.logits"``),
-  ``schema_version``, ``library_version``, ``n_samples``, ``logits_shape`` (the task-agnostic
-  shape ``[N, *trailing]``), ``n_classes`` (the first trailing axis; 1 for a single logit),
-  ``label`` (dtype and shape, or null), ``sample_id`` (dtype) and ``fingerprint``.
+  The schema metadata key ``seapig_core`` holds JSON describing the layout: ``format``
+  (``"seapig_core.logits"``), ``schema_version``, ``library_version``, ``trailing_shape`` (the
+  logits' shape after the sample axis), ``n_classes`` (its first axis; 1 for a single logit),
+  ``label`` (dtype and shape, or null) and ``sample_id`` (dtype). The row count and the
+  fingerprint, known only once every batch is written, are in the manifest.
 - ``{prefix}.logits.json``: the manifest, written *after* the data file: format, schema
-  version, the data file's name, size and SHA-256, and the fingerprint.
+  version, the data file's name and size, ``n_samples``, ``logits_shape`` (``[N,
+  *trailing]``), the fingerprint, and the file cut into *segments* that tile it, each with its
+  offset, length, row count and ``xxh3_128`` checksum: segment ``i`` holds record batch ``i``
+  (the first also the file's magic and schema), the last one the footer.
 
-Why this format: the same 1M x 100 float32 logits took 2.4-3.2 s to read from Parquet here, but
-an Arrow IPC file memory-maps in milliseconds (DESIGN.md; ``benchmarks/bench_extract.py``
-measures the store). Reads are zero-copy: the logits come back as a copy-on-write memory map
-of the file, so a served entry costs page-cache pages, not process memory, until touched.
+Writing streams: model batches are gathered into chunks of :data:`BATCH_ROWS` rows and each
+chunk goes to pyarrow's writer through a sink that checksums the bytes as they are written, so
+memory stays bounded by one chunk whatever the data set's size. The file is written under an
+owned temporary name and renamed into place (:func:`seapig_core._io.atomic_path`, which also
+removes the temporaries of dead writers in the directory first); the previous manifest is
+removed before that rename and the new one written after it. A run killed at any point leaves
+either no entry, the previous entry, or a data file without a manifest, which is never served.
 
-Writing streams: the logits are written batch by batch straight to their final place in the
-file; ids and labels (1/W of the size) are spilled to temporary files in the same directory and
-appended at the end; the Arrow headers, which need the final row count, are written last into
-space reserved for them. Memory stays bounded whatever the data set's size. The file is
-written under a temporary name and renamed into place (:func:`seapig_core._io.atomic_path`),
-then the manifest; a killed run leaves either no entry or one that fails verification.
+Reading (:func:`load_logits`, :func:`lookup`) maps the file (copy-on-write) and checks, in
+milliseconds whatever the entry's size: the manifest, the file's size, the footer's checksum,
+the schema and the row counts. Each chunk's checksum is verified when the chunk is first read
+(:meth:`StoredLogits.iter_chunks`, or the ``logits``/``labels``/``sample_ids`` properties that
+materialise the whole entry), so a hit that reads the data verifies it in the same pass and
+never costs a separate re-hash. A chunk that fails raises :class:`CorruptEntryError` naming the
+file and the rows, and removes the entry's manifest (if unchanged since it was read), so that the
+next extraction recomputes the entry.
 
-Trust. An entry is served only when
+Trust
+-----
+An entry is served by :func:`lookup` only when its manifest parses (bounded JSON, a JSON
+object), has this format and schema version, records the requested fingerprint, and the data
+file opens with the recorded size, footer checksum, schema and row counts; otherwise it is
+recomputed with a :class:`CorruptEntryWarning` naming the file (an entry of an older schema
+version, or with another fingerprint, is recomputed silently, logged at INFO). Reading never
+unpickles and never executes anything from the files: the bytes are parsed as Arrow and JSON
+only. The checksums (xxh3_128, non-cryptographic, ~10 GB/s) detect corruption, truncation and
+accidental replacement. They are not a signature, and neither was the SHA-256 of earlier
+versions: whoever can write ``outdir`` can write a matching manifest too. Protect the directory
+as you would the model.
 
-1. its manifest parses, has this format and schema version, and its fingerprint key equals the
-   requested one;
-2. the data file's size and SHA-256 equal the manifest's (a truncated, corrupted or replaced
-   file, e.g. one holding a pickle payload, fails here);
-3. the Arrow file opens, holds one record batch of the recorded shape, and its own metadata
-   carries the same fingerprint key.
-
-Otherwise it is recomputed with a :class:`CorruptEntryWarning`. Reading never unpickles and
-never executes anything from the file: the bytes are parsed as Arrow and JSON only. The
-SHA-256 detects corruption and accidental replacement; it is not a signature: whoever can write
-``outdir`` can write a matching manifest too.
-
-Fingerprint. The key is the SHA-256 of the canonical JSON of five components:
+Fingerprint
+-----------
+The key is the SHA-256 of the canonical JSON of five components:
 
 - ``model`` (:func:`model_fingerprint`): the model's class (module and qualified name), a
   SHA-256 over every parameter and buffer (names, dtypes, shapes and bytes; non-persistent
@@ -69,26 +84,33 @@ The compute device is not part of the fingerprint: logits computed on a GPU are 
 CPU run of the same model and data. To force a recomputation, pass ``refresh=True`` to
 :func:`seapig_core.extract.extract_logits` (or ``fit``); the entry is then overwritten.
 
-Caveats: a served tensor maps the file. Entries are replaced by renaming, so a later refresh
-never changes a tensor already handed out (POSIX keeps the old file alive while it is mapped),
-but truncating the file *in place* while it is mapped makes touching the tensor fail
-(``SIGBUS``). On Windows a mapped file cannot be replaced.
+Caveats
+-------
+The materialised ``logits``/``labels``/``sample_ids`` are ordinary in-memory copies (1x the
+entry's size). Chunks from :meth:`StoredLogits.iter_chunks` are zero-copy views of the entry's
+private mapping where they fall inside one record batch: writing into them never reaches the
+file, but later reads of the same :class:`StoredLogits` see the change; treat them as
+read-only. Entries are replaced by renaming, so a refresh never changes an entry already opened
+(POSIX keeps the old file alive while it is mapped), but truncating or rewriting the file *in
+place* while it is mapped is outside the trust model: touching a truncated page fails
+(``SIGBUS``), and a chunk already verified is not verified again. On Windows a mapped file
+cannot be replaced. Two processes writing the same entry at once each write a complete file; the
+last rename wins, and a data file paired with the other writer's manifest fails verification
+and is recomputed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
-import shutil
-import struct
-import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -96,36 +118,54 @@ from typing import Any, BinaryIO
 import numpy as np
 import pyarrow as pa
 import torch
+import xxhash
 
-from seapig_core._io import atomic_path, atomic_write_json, check_file_stem, file_sha256, header_problem, read_json
+from seapig_core._io import (
+    atomic_path,
+    atomic_write_json,
+    check_file_stem,
+    header_problem,
+    loads_json,
+    read_json_object,
+)
 from seapig_core._version import __version__
 
 __all__ = [
+    "BATCH_ROWS",
+    "CHECKSUM",
     "FORMAT",
     "MANIFEST_FORMAT",
     "SCHEMA_VERSION",
+    "CorruptEntryError",
     "CorruptEntryWarning",
     "DataFingerprint",
+    "LogitsChunk",
     "LogitsWriter",
     "StoredLogits",
     "entry_paths",
+    "entry_prefix",
     "fingerprint_key",
-    "load_entry",
+    "is_entry",
     "load_logits",
+    "lookup",
     "model_fingerprint",
-    "read_manifest",
 ]
 
 FORMAT = "seapig_core.logits"
 MANIFEST_FORMAT = "seapig_core.logits.manifest"
-SCHEMA_VERSION = 1
+#: 2: pyarrow's own multi-batch IPC writer, segment checksums in the manifest (1: one record
+#: batch, whole-file SHA-256).
+SCHEMA_VERSION = 2
+#: The checksum of every segment; the manifest names it, so that it can change with the schema.
+CHECKSUM = "xxh3_128"
+#: Rows per record batch (chunk) written; fewer when a chunk's logits would exceed 32 MiB.
+BATCH_ROWS = 65536
+_BATCH_BYTES = 32 << 20
 _META_KEY = b"seapig_core"
 _DEFAULT_STEM = "logits"
-_ALIGN = 64  # Arrow's recommended buffer alignment; also keeps the logits cache-line aligned.
-# Room reserved for the Arrow headers beyond their size with the metadata known at the first
-# batch: the row count and the data fingerprint, known only at the end, need a few hundred bytes.
-_HEADER_SLACK = 16 * 1024
-_COPY_CHUNK = 1 << 22
+_DATA_SUFFIX = ".arrow"
+_MANIFEST_SUFFIX = ".json"
+_ENTRY_SUFFIX = f".{_DEFAULT_STEM}{_DATA_SUFFIX}"
 
 logger = logging.getLogger(__name__)
 
@@ -134,39 +174,12 @@ class CorruptEntryWarning(UserWarning):
     """A store entry was unreadable, truncated or tampered with, and is recomputed."""
 
 
-class _CorruptEntry(Exception):
-    """Internal: why an entry cannot be trusted."""
+class CorruptEntryError(ValueError):
+    """A store file is missing, unreadable, not a store file, or fails verification."""
 
 
-@dataclass(frozen=True, eq=False)
-class StoredLogits:
-    """An entry read from the store.
-
-    Attributes
-    ----------
-    logits : torch.Tensor
-        Float32 ``(N, *trailing)``, a copy-on-write memory map of the file (writes stay in
-        memory, never reach the file).
-    labels : torch.Tensor or None
-        ``(N, *label_shape)`` in the labels' dtype, or None.
-    sample_ids : numpy.ndarray
-        ``(N,)`` int64, or object array of str for string ids.
-    metadata : dict
-        The file's ``seapig_core`` metadata (see the module docstring).
-    path : pathlib.Path
-        The data file.
-    """
-
-    logits: torch.Tensor
-    labels: torch.Tensor | None
-    sample_ids: np.ndarray
-    metadata: dict[str, Any]
-    path: Path
-
-    @property
-    def fingerprint(self) -> str:
-        """The entry's fingerprint key."""
-        return str(self.metadata["fingerprint"]["key"])
+class _OtherSchema(CorruptEntryError):
+    """Internal: a manifest of this format but another schema version (a plain miss)."""
 
 
 # ---------------------------------------------------------------------------- naming
@@ -182,10 +195,65 @@ def entry_paths(outdir: str | os.PathLike[str], prefix: str | None = None) -> tu
     -------
     (pathlib.Path, pathlib.Path)
         ``{stem}.arrow`` and ``{stem}.json``.
+
+    Examples
+    --------
+    >>> [p.name for p in entry_paths("store", "calibration")]
+    ['calibration.logits.arrow', 'calibration.logits.json']
     """
     stem = _DEFAULT_STEM if prefix is None else f"{check_file_stem(prefix, 'prefix')}.{_DEFAULT_STEM}"
     directory = Path(outdir)
-    return directory / f"{stem}.arrow", directory / f"{stem}.json"
+    return directory / f"{stem}{_DATA_SUFFIX}", directory / f"{stem}{_MANIFEST_SUFFIX}"
+
+
+def _prefix_of(name: str) -> tuple[bool, str | None]:
+    if name == f"{_DEFAULT_STEM}{_DATA_SUFFIX}":
+        return True, None
+    if not name.endswith(_ENTRY_SUFFIX):
+        return False, None
+    prefix = name[: -len(_ENTRY_SUFFIX)]
+    try:
+        check_file_stem(prefix)
+    except ValueError:
+        return False, None
+    return True, prefix
+
+
+def is_entry(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is named as a store entry's data file (``*.logits.arrow``).
+
+    Only the name is looked at: a data file without its manifest is still an entry (one that
+    :func:`load_logits` refuses to read unverified). Temporary files are not entries.
+
+    Examples
+    --------
+    >>> is_entry("store/batch-007.logits.arrow"), is_entry("inbox/batch-007.arrow")
+    (True, False)
+    """
+    return _prefix_of(Path(path).name)[0]
+
+
+def entry_prefix(path: str | os.PathLike[str]) -> str | None:
+    """The prefix of the entry whose data file is ``path``: ``entry_paths(path.parent, prefix)``.
+
+    Returns None for the default entry ``logits.arrow``.
+
+    Raises
+    ------
+    ValueError
+        If ``path`` is not named as an entry (see :func:`is_entry`).
+
+    Examples
+    --------
+    >>> entry_prefix("store/batch-007.logits.arrow")
+    'batch-007'
+    """
+    ok, prefix = _prefix_of(Path(path).name)
+    if not ok:
+        raise ValueError(
+            f"The 'path' parameter must name a logits store entry (*{_ENTRY_SUFFIX}). Got {str(path)!r} instead."
+        )
+    return prefix
 
 
 # ---------------------------------------------------------------------------- fingerprints
@@ -198,6 +266,11 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
         t = t.to_dense()
     t = t.to("cpu").contiguous().reshape(-1)
     return memoryview(t.view(torch.uint8).numpy())
+
+
+def _raw_bytes(array: np.ndarray) -> np.ndarray:
+    """``array``'s bytes as a flat uint8 view (no copy when contiguous; empty arrays too)."""
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
 
 def model_fingerprint(model: torch.nn.Module) -> dict[str, str]:
@@ -304,200 +377,97 @@ def fingerprint_key(components: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-# ---------------------------------------------------------------------------- Arrow IPC plumbing
-#
-# pyarrow writes a record batch in one piece, which needs every column in memory. To stream,
-# the writer lays out the body itself and takes the headers from pyarrow: it serialises a
-# one-row batch of the same schema and patches the row count, the buffer offsets/lengths and the
-# body length into those flatbuffers (fixed-size integers, so the sizes do not change). The
-# result is an ordinary Arrow IPC file, checked by reading it back with pyarrow before use.
-
-_U32 = struct.Struct("<I")
-_I32 = struct.Struct("<i")
-_I64 = struct.Struct("<q")
-_PAIR = struct.Struct("<qq")
-_CONTINUATION = b"\xff\xff\xff\xff"
-_MAGIC = b"ARROW1"
+# ---------------------------------------------------------------------------- layout
 
 
-def _fb_field(buf: bytes | bytearray, table: int, index: int) -> int | None:
-    """Absolute position of field ``index`` of the flatbuffer table at ``table``, or None."""
-    vtable = table - _I32.unpack_from(buf, table)[0]
-    vtable_size = struct.unpack_from("<H", buf, vtable)[0]
-    slot = 4 + 2 * index
-    if slot >= vtable_size:
-        return None
-    offset = struct.unpack_from("<H", buf, vtable + slot)[0]
-    return table + offset if offset else None
+def _checksum(data: Any) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
 
 
-def _fb_ref(buf: bytes | bytearray, position: int) -> int:
-    return position + _U32.unpack_from(buf, position)[0]
-
-
-def _fb_vector(buf: bytes | bytearray, table: int, index: int) -> tuple[int, int]:
-    """(position of the first element, length) of a vector field."""
-    field = _fb_field(buf, table, index)
-    if field is None:
-        return 0, 0
-    vector = _fb_ref(buf, field)
-    return vector + 4, _U32.unpack_from(buf, vector)[0]
-
-
-def _required(position: int | None, what: str) -> int:
-    if position is None:
-        raise RuntimeError(f"pyarrow wrote an IPC header without {what}; this pyarrow version is not supported.")
-    return position
-
-
-@dataclass(frozen=True)
-class _Buffer:
-    """One body buffer: ``source`` is 'validity' (empty), 'logits' (streamed) or a spill name."""
-
-    source: str
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Columns, Arrow nodes and body buffers of a store file, in schema order."""
-
-    schema: pa.Schema
-    node_widths: tuple[int, ...]  # node length = n_rows * width (FixedSizeList children)
-    buffers: tuple[_Buffer, ...]
+_LABEL_DTYPES = (
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+    torch.float16, torch.float32, torch.float64,
+)
 
 
 def _label_numpy_dtype(dtype: torch.dtype) -> np.dtype:
     """The NumPy dtype that stores labels of torch ``dtype``: bool, integers or floats."""
-    kinds = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
-    kinds |= {torch.float16, torch.float32, torch.float64}
-    if dtype not in kinds:
+    if dtype not in _LABEL_DTYPES:
         raise TypeError(f"Labels must be bool, integer or float16/32/64 to be stored. Got {dtype} instead.")
     return torch.empty(0, dtype=dtype).numpy().dtype
 
 
-def _label_type(dtype: np.dtype) -> pa.DataType:
-    # Booleans are stored as uint8 (Arrow packs bool into bits, which cannot be streamed
-    # batch by batch); the metadata records the dtype, and reading restores it.
-    return pa.uint8() if dtype == np.bool_ else pa.from_numpy_dtype(dtype)
+def _label_arrow_type(dtype_name: str) -> pa.DataType:
+    return pa.bool_() if dtype_name == "bool" else pa.from_numpy_dtype(np.dtype(dtype_name))
 
 
-def _make_layout(width: int, id_kind: str, label: tuple[np.dtype, int] | None, metadata: dict[str, Any]) -> _Layout:
-    fields = [pa.field("logits", pa.list_(pa.float32(), width), nullable=False)]
-    nodes: list[int] = [1, width]
-    buffers = [_Buffer("validity"), _Buffer("validity"), _Buffer("logits")]
-    if id_kind == "string":
-        fields.append(pa.field("sample_id", pa.large_string(), nullable=False))
-        buffers += [_Buffer("validity"), _Buffer("sample_id.offsets"), _Buffer("sample_id.data")]
-    else:
-        fields.append(pa.field("sample_id", pa.int64(), nullable=False))
-        buffers += [_Buffer("validity"), _Buffer("sample_id.data")]
-    nodes.append(1)
+def _schema(width: int, id_kind: str, label: Mapping[str, Any] | None, metadata: Mapping[str, Any]) -> pa.Schema:
+    fields = [
+        pa.field("logits", pa.list_(pa.float32(), width), nullable=False),
+        pa.field("sample_id", pa.large_string() if id_kind == "string" else pa.int64(), nullable=False),
+    ]
     if label is not None:
-        dtype, label_width = label
-        if label_width == 0:
-            fields.append(pa.field("label", _label_type(dtype), nullable=False))
-            nodes.append(1)
-            buffers += [_Buffer("validity"), _Buffer("label.data")]
-        else:
-            fields.append(pa.field("label", pa.list_(_label_type(dtype), label_width), nullable=False))
-            nodes += [1, label_width]
-            buffers += [_Buffer("validity"), _Buffer("validity"), _Buffer("label.data")]
-    schema = pa.schema(fields, metadata={_META_KEY: json.dumps(metadata, allow_nan=False).encode()})
-    return _Layout(schema, tuple(nodes), tuple(buffers))
-
-
-def _one_row_table(layout: _Layout) -> pa.Table:
-    """A one-row table of ``layout.schema`` whose serialisation gives the IPC headers."""
-    arrays = []
-    for field in layout.schema:
-        if field.name == "sample_id":
-            arrays.append(pa.array(["x"] if pa.types.is_large_string(field.type) else [0], field.type))
-            continue
-        kind = field.type
-        if pa.types.is_fixed_size_list(kind):
-            child = pa.array(np.ones(kind.list_size, dtype=kind.value_type.to_pandas_dtype()), kind.value_type)
-            arrays.append(pa.FixedSizeListArray.from_arrays(child, kind.list_size))
-        else:
-            arrays.append(pa.array(np.ones(1, dtype=kind.to_pandas_dtype()), kind))
-    return pa.Table.from_arrays(arrays, schema=layout.schema)
-
-
-@dataclass(frozen=True)
-class _Template:
-    prefix: bytes  # magic + schema message: everything before the record batch
-    meta: bytes  # the record batch's flatbuffer (without continuation and length)
-    tail: bytes  # end-of-stream marker, footer, footer length, magic
-
-
-def _template(layout: _Layout) -> _Template:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, layout.schema) as writer:
-        writer.write_table(_one_row_table(layout))
-    data = sink.getvalue().to_pybytes()
-    footer_len = _I32.unpack_from(data, len(data) - 10)[0]
-    footer = data[len(data) - 10 - footer_len : len(data) - 10]
-    blocks, count = _fb_vector(footer, _fb_ref(footer, 0), 3)
-    if count != 1:
-        raise RuntimeError("pyarrow wrote an unexpected IPC file layout; this pyarrow version is not supported.")
-    offset, meta_len, _, body_len = struct.unpack_from("<qiiq", footer, blocks)
-    meta = data[offset : offset + meta_len]
-    if meta[:4] != _CONTINUATION:
-        raise RuntimeError("pyarrow wrote a legacy IPC message; this pyarrow version is not supported.")
-    return _Template(data[:offset], meta[8:], data[offset + meta_len + body_len :])
-
-
-def _header(
-    template: _Template, layout: _Layout, n_rows: int, buffers: Sequence[tuple[int, int]], body_len: int, size: int
-) -> bytes:
-    """Magic, schema and record-batch header for ``n_rows``, padded to exactly ``size`` bytes."""
-    fb = bytearray(template.meta)
-    message = _fb_ref(fb, 0)
-    _I64.pack_into(fb, _required(_fb_field(fb, message, 3), "a body length"), body_len)
-    batch = _fb_ref(fb, _required(_fb_field(fb, message, 2), "a record batch"))
-    if _fb_field(fb, batch, 3) is not None:
-        raise RuntimeError("pyarrow compressed the IPC body; the store writes it uncompressed.")
-    _I64.pack_into(fb, _required(_fb_field(fb, batch, 0), "a row count"), n_rows)
-    nodes, n_nodes = _fb_vector(fb, batch, 1)
-    positions, n_buffers = _fb_vector(fb, batch, 2)
-    if n_nodes != len(layout.node_widths) or n_buffers != len(buffers):
-        raise RuntimeError("pyarrow wrote an unexpected record batch layout; this pyarrow version is not supported.")
-    for i, width in enumerate(layout.node_widths):
-        _PAIR.pack_into(fb, nodes + 16 * i, n_rows * width, 0)
-    for i, (offset, length) in enumerate(buffers):
-        _PAIR.pack_into(fb, positions + 16 * i, offset, length)
-    # The declared metadata length may include padding after the flatbuffer; readers ignore it.
-    padding = size - len(template.prefix) - 8 - len(fb)
-    if padding < 0 or padding % 8:
-        raise RuntimeError(f"The Arrow headers need {size - padding} bytes but {size} were reserved.")
-    return b"".join([template.prefix, _CONTINUATION, _I32.pack(len(fb) + padding), bytes(fb), bytes(padding)])
-
-
-def _tail(template: _Template, meta_len: int, body_len: int) -> bytes:
-    """The template's footer with the record batch's block patched."""
-    tail = bytearray(template.tail)
-    footer_len = _I32.unpack_from(tail, len(tail) - 10)[0]
-    start = len(tail) - 10 - footer_len
-    footer = bytearray(tail[start : len(tail) - 10])
-    blocks, _ = _fb_vector(footer, _fb_ref(footer, 0), 3)
-    struct.pack_into("<qiiq", footer, blocks, len(template.prefix), meta_len, 0, body_len)
-    tail[start : len(tail) - 10] = footer
-    return bytes(tail)
-
-
-def _raw_bytes(array: np.ndarray) -> np.ndarray:
-    """``array``'s bytes as a flat uint8 view (no copy when contiguous; empty arrays too)."""
-    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-
-
-def _round_up(value: int, multiple: int = _ALIGN) -> int:
-    return -(-value // multiple) * multiple
+        kind = _label_arrow_type(label["dtype"])
+        if label["shape"]:
+            kind = pa.list_(kind, math.prod(label["shape"]))
+        fields.append(pa.field("label", kind, nullable=False))
+    text = json.dumps(metadata, sort_keys=True, allow_nan=False).encode()
+    return pa.schema(fields, metadata={_META_KEY: text})
 
 
 # ---------------------------------------------------------------------------- writing
 
 
+class _ChecksummedSink:
+    """A write-only file for pyarrow that checksums what passes through, segment by segment.
+
+    pyarrow hands large buffers over without copying them; each is checksummed and written
+    once. :meth:`end_segment` closes the current segment (its offset, length, rows, checksum).
+    """
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self._hasher = xxhash.xxh3_128()
+        self._position = 0
+        self._start = 0
+        self.segments: list[dict[str, Any]] = []
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._hasher.update(view)
+        self._handle.write(view)
+        self._position += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self._position
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def close(self) -> None:  # the handle belongs to the LogitsWriter
+        pass
+
+    @property
+    def closed(self) -> bool:
+        return self._handle.closed
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def end_segment(self, rows: int) -> None:
+        self.segments.append(
+            {"offset": self._start, "length": self._position - self._start, "rows": rows, "digest": self._hasher.hexdigest()}
+        )
+        self._hasher.reset()
+        self._start = self._position
+
+
 class LogitsWriter:
-    """Stream batches into a store entry; atomic, bounded memory.
+    """Stream batches into a store entry; atomic, memory bounded by one chunk.
 
     Use as a context manager: :meth:`append` each batch, then :meth:`commit` once. The data file
     appears under its final name, followed by the manifest, only when the block exits without
@@ -507,10 +477,9 @@ class LogitsWriter:
     ----------
     path : str or os.PathLike
         The data file, ``entry_paths(outdir, prefix)[0]``; its directory must exist.
-    fingerprint_hint : Mapping, optional
-        The fingerprint as far as known before the data is read (e.g. without the data
-        digest). Sizes the space reserved for the headers; :meth:`commit` needs at most
-        16 KiB more metadata than this.
+    batch_rows : int, optional
+        Rows per record batch. Default :data:`BATCH_ROWS`, fewer when a batch's logits would
+        exceed 32 MiB. Memory while writing is about one batch.
 
     Examples
     --------
@@ -520,36 +489,44 @@ class LogitsWriter:
     >>> with LogitsWriter(data_path) as writer:
     ...     writer.append(torch.zeros(3, 2), None, np.arange(3))
     ...     stored = writer.commit({"key": "0" * 64})
-    >>> tuple(load_logits(data_path).logits.shape)
+    >>> load_logits(data_path).logits_shape
     (3, 2)
     """
 
-    def __init__(self, path: str | os.PathLike[str], fingerprint_hint: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, batch_rows: int | None = None) -> None:
+        if batch_rows is not None and (not isinstance(batch_rows, int) or isinstance(batch_rows, bool) or batch_rows < 1):
+            raise ValueError(f"The 'batch_rows' parameter must be a positive int or None. Got {batch_rows!r} instead.")
         self.path = Path(path)
-        self._hint = dict(fingerprint_hint or {})
+        self._requested_rows = batch_rows
         self._stack: contextlib.ExitStack | None = None
-        self._file: BinaryIO | None = None
-        self._spills: dict[str, BinaryIO] = {}
+        self._handle: BinaryIO | None = None
+        self._sink: _ChecksummedSink | None = None
+        self._writer: pa.ipc.RecordBatchFileWriter | None = None
         self._rows = 0
-        self._string_bytes = 0
-        self._logits_shape: tuple[int, ...] | None = None
-        self._label: tuple[torch.dtype, tuple[int, ...]] | None = None
+        self._shape: tuple[int, ...] | None = None
+        self._label: dict[str, Any] | None = None
         self._id_kind: str | None = None
-        self._header_size = 0
+        self._schema: pa.Schema | None = None
+        self._buffered = 0
+        self._manifest: dict[str, Any] | None = None
         self._result: StoredLogits | None = None
 
     def __enter__(self) -> LogitsWriter:
+        manifest_path = _manifest_path(self.path)
+        for existing in (self.path, manifest_path):
+            if existing.is_dir():
+                raise ValueError(
+                    f"The logits store entry {str(self.path)!r} cannot be written: {str(existing)!r} is a directory. "
+                    "Remove it or choose another prefix."
+                )
         stack = contextlib.ExitStack()
         try:
             self._tmp = stack.enter_context(atomic_path(self.path))
-            spill_dir = stack.enter_context(
-                tempfile.TemporaryDirectory(dir=self.path.parent, prefix=f".{self.path.name}.spill-")
-            )
-            self._spill_dir = Path(spill_dir)
-            self._file = stack.enter_context(open(self._tmp, "r+b"))
+            self._handle = stack.enter_context(open(self._tmp, "wb"))
         except BaseException:
             stack.close()
             raise
+        self._sink = _ChecksummedSink(self._handle)
         self._stack = stack
         return self
 
@@ -557,17 +534,23 @@ class LogitsWriter:
         stack, self._stack = self._stack, None
         if stack is None:
             return False
-        for handle in self._spills.values():
-            handle.close()
         if exc_type is None and self._result is None:
             # Never rename an unfinished file into place: unwind as if the block had failed.
             error = RuntimeError("LogitsWriter exited without commit(); the entry was discarded.")
             stack.__exit__(RuntimeError, error, None)
             raise error
-        suppressed = stack.__exit__(exc_type, exc, tb)
-        if exc_type is None:
-            atomic_write_json(self.path.with_suffix(".json"), self._manifest)
-        return bool(suppressed)
+        if exc_type is not None:
+            return bool(stack.__exit__(exc_type, exc, tb))
+        # The old manifest goes first: a run killed from here on leaves a data file without a
+        # manifest (never served), never a new data file beside the old entry's manifest.
+        try:
+            _manifest_path(self.path).unlink(missing_ok=True)
+        except BaseException as error:
+            stack.__exit__(type(error), error, error.__traceback__)  # removes the temporary file
+            raise
+        stack.__exit__(None, None, None)  # fsync, rename into place
+        _write_manifest(_manifest_path(self.path), self._manifest)
+        return False
 
     # -- streaming
 
@@ -576,90 +559,112 @@ class LogitsWriter:
 
         The trailing shapes, label dtype and id kind must match the first batch's.
         """
-        if self._file is None:
+        if self._sink is None or self._stack is None:
             raise RuntimeError("LogitsWriter.append() needs an open writer: use it as a context manager.")
         if self._result is not None:
             raise RuntimeError("LogitsWriter.append() called after commit().")
         rows = int(logits.shape[0])
+        label = None
         if labels is not None:
-            _label_numpy_dtype(labels.dtype)
+            dtype = _label_numpy_dtype(labels.dtype)
+            if 0 in labels.shape[1:]:
+                raise ValueError(
+                    f"Labels must have at least one value per sample to be stored. Got shape {tuple(labels.shape)} instead."
+                )
+            label = {"dtype": "bool" if dtype == np.bool_ else dtype.name, "shape": list(labels.shape[1:])}
         id_kind = "string" if sample_ids.dtype.kind in "OUS" else "int64"
-        label = None if labels is None else (labels.dtype, tuple(labels.shape[1:]))
-        if self._logits_shape is None:
+        if self._shape is None:
             self._start(tuple(logits.shape[1:]), label, id_kind)
-        elif (tuple(logits.shape[1:]), label, id_kind) != (self._logits_shape, self._label, self._id_kind):
+        elif (tuple(logits.shape[1:]), label, id_kind) != (self._shape, self._label, self._id_kind):
             raise ValueError(
                 "Every batch written to the store must match the first batch's logits shape, label dtype/shape "
-                f"and id kind {(self._logits_shape, self._label, self._id_kind)}. "
+                f"and id kind {(self._shape, self._label, self._id_kind)}. "
                 f"Got {(tuple(logits.shape[1:]), label, id_kind)} instead."
             )
-        values = logits.detach().to("cpu", torch.float32).contiguous()
-        self._file.write(_raw_bytes(values.numpy()))
-        if id_kind == "string":
-            encoded = [str(item).encode("utf-8", "surrogatepass") for item in sample_ids]
-            ends = self._string_bytes + np.cumsum([len(item) for item in encoded], dtype=np.int64)
-            self._spill("sample_id.offsets", ends)
-            self._spills["sample_id.data"].write(b"".join(encoded))
-            if len(ends):
-                self._string_bytes = int(ends[-1])
-        else:
-            self._spill("sample_id.data", np.asarray(sample_ids, dtype=np.int64))
-        if labels is not None:
-            array = labels.detach().to("cpu").contiguous().numpy()
-            self._spill("label.data", array.astype(np.uint8) if array.dtype == np.bool_ else array)
-        self._rows += rows
+        values = logits.detach().to("cpu", torch.float32).contiguous().numpy().reshape(rows, math.prod(self._shape))
+        label_values = None if labels is None else labels.detach().to("cpu").contiguous().numpy()
+        ids = sample_ids if id_kind == "string" else np.asarray(sample_ids, dtype=np.int64)
+        if len(ids) != rows or (label_values is not None and len(label_values) != rows):
+            raise ValueError(f"Logits, labels and ids of a batch must have one row per sample. Got {rows} logits rows.")
+        position = 0
+        while position < rows:
+            if self._buffered == 0 and rows - position >= self._batch_rows:
+                stop = position + self._batch_rows  # a whole chunk: straight from the caller's memory
+                self._write(values[position:stop], _rows(label_values, position, stop), ids[position:stop])
+                position = stop
+                continue
+            take = min(self._batch_rows - self._buffered, rows - position)
+            start, stop = self._buffered, self._buffered + take
+            self._logits_buffer[start:stop] = values[position : position + take]
+            if label_values is not None:
+                self._label_buffer[start:stop] = label_values[position : position + take]
+            if id_kind == "string":
+                self._id_buffer.extend(ids[position : position + take].tolist())
+            else:
+                self._id_buffer[start:stop] = ids[position : position + take]
+            self._buffered = stop
+            position += take
+            if self._buffered == self._batch_rows:
+                self._flush()
 
-    def _start(self, shape: tuple[int, ...], label: tuple[torch.dtype, tuple[int, ...]] | None, id_kind: str) -> None:
+    def _start(self, shape: tuple[int, ...], label: dict[str, Any] | None, id_kind: str) -> None:
         width = math.prod(shape)
         if width == 0:
             raise ValueError(f"Logits must have at least one value per sample. Got trailing shape {shape} instead.")
-        self._logits_shape, self._label, self._id_kind = shape, label, id_kind
-        names = ["sample_id.data"] + (["sample_id.offsets"] if id_kind == "string" else [])
-        if label is not None:
-            names.append("label.data")
-        for name in names:
-            self._spills[name] = open(self._spill_dir / name, "w+b")
-        if id_kind == "string":
-            self._spill("sample_id.offsets", np.zeros(1, dtype=np.int64))
-        # Reserve room for the headers with the metadata known now; commit() fills it.
-        layout = self._layout({**self._hint, "key": "0" * 64}, placeholder=True)
-        template = _template(layout)
-        self._header_size = _round_up(len(template.prefix) + 8 + len(template.meta) + _HEADER_SLACK)
-        self._file.seek(self._header_size)
-
-    def _spill(self, name: str, array: np.ndarray) -> None:
-        self._spills[name].write(_raw_bytes(array))
-
-    # -- finishing
-
-    def _metadata(self, fingerprint: Mapping[str, Any], placeholder: bool = False) -> dict[str, Any]:
-        shape = list(self._logits_shape or ())
-        label = None
-        if self._label is not None:
-            dtype, label_shape = self._label
-            label = {"dtype": str(dtype).removeprefix("torch."), "shape": list(label_shape)}
-        return {
+        self._shape, self._label, self._id_kind = shape, label, id_kind
+        rows = self._requested_rows
+        if rows is None:
+            fit = max(1, _BATCH_BYTES // (4 * width))
+            rows = min(BATCH_ROWS, 1 << (fit.bit_length() - 1))
+        self._batch_rows = rows
+        metadata = {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,
             "library_version": __version__,
-            "n_samples": 0 if placeholder else self._rows,
-            "logits_shape": [0 if placeholder else self._rows, *shape],
+            "trailing_shape": list(shape),
             "n_classes": shape[0] if shape else 1,
             "label": label,
-            "sample_id": {"dtype": self._id_kind},
-            "fingerprint": dict(fingerprint),
+            "sample_id": {"dtype": id_kind},
         }
+        self._schema = _schema(width, id_kind, label, metadata)
+        self._logits_buffer = np.empty((rows, width), dtype=np.float32)
+        if label is not None:
+            self._label_buffer = np.empty((rows, *label["shape"]), dtype=np.bool_ if label["dtype"] == "bool" else label["dtype"])
+        self._id_buffer: Any = [] if id_kind == "string" else np.empty(rows, dtype=np.int64)
+        self._writer = pa.ipc.new_file(self._sink, self._schema)
 
-    def _layout(self, fingerprint: Mapping[str, Any], placeholder: bool = False) -> _Layout:
-        label = None
-        if self._label is not None:
-            dtype, label_shape = self._label
-            label = (_label_numpy_dtype(dtype), math.prod(label_shape) if label_shape else 0)
-        width = math.prod(self._logits_shape or ())
-        return _make_layout(width, self._id_kind or "int64", label, self._metadata(fingerprint, placeholder))
+    def _flush(self) -> None:
+        n = self._buffered
+        if n == 0:
+            return
+        labels = None if self._label is None else self._label_buffer[:n]
+        ids = np.asarray(self._id_buffer, dtype=object) if self._id_kind == "string" else self._id_buffer[:n]
+        self._write(self._logits_buffer[:n], labels, ids)
+        self._buffered = 0
+        if self._id_kind == "string":
+            self._id_buffer = []
+
+    def _write(self, values: np.ndarray, labels: np.ndarray | None, ids: np.ndarray) -> None:
+        n = len(values)
+        width = values.shape[1]
+        arrays = [pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), width)]
+        if self._id_kind == "string":
+            try:
+                arrays.append(pa.array([str(v) for v in ids], type=pa.large_string()))
+            except (UnicodeError, pa.ArrowException) as exc:
+                raise ValueError(f"Sample ids must be valid Unicode text to be stored. Got {exc} instead.") from exc
+        else:
+            arrays.append(pa.array(ids, type=pa.int64()))
+        if labels is not None:
+            label = self._label
+            flat = pa.array(np.ascontiguousarray(labels).reshape(-1), type=_label_arrow_type(label["dtype"]))
+            arrays.append(pa.FixedSizeListArray.from_arrays(flat, math.prod(label["shape"])) if label["shape"] else flat)
+        self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._schema))
+        self._sink.end_segment(n)
+        self._rows += n
 
     def commit(self, fingerprint: Mapping[str, Any]) -> StoredLogits:
-        """Finish the file and return it memory-mapped.
+        """Finish the file; return the entry as it will be served.
 
         Parameters
         ----------
@@ -669,281 +674,490 @@ class LogitsWriter:
         Returns
         -------
         StoredLogits
-            The entry as it will be served; its ``path`` is the final name, which it takes when
-            the ``with`` block exits.
+            The entry, verified as it is read like any other; its ``path`` is the final name,
+            which it takes when the ``with`` block exits.
 
         Raises
         ------
         ValueError
             If no rows were appended.
         """
-        if self._file is None or self._result is not None:
+        if self._sink is None or self._handle is None or self._stack is None or self._result is not None:
             raise RuntimeError("LogitsWriter.commit() needs an open, uncommitted writer.")
-        if self._rows == 0 or self._logits_shape is None:
+        self._flush()
+        if self._rows == 0 or self._writer is None or self._shape is None:
             raise ValueError("Cannot store an empty extraction: no rows were appended.")
-        handle = self._file
-        layout = self._layout(fingerprint)
-        # Body: logits (already in place at header_size), then each spill, 64-byte aligned.
-        body: list[tuple[int, int]] = []
-        position = 0
-        for buffer in layout.buffers:
-            if buffer.source == "validity":
-                body.append((position, 0))
-                continue
-            if buffer.source == "logits":
-                length = self._rows * math.prod(self._logits_shape) * 4
-            else:
-                spill = self._spills[buffer.source]
-                spill.flush()
-                length = spill.seek(0, os.SEEK_END)
-                position = _round_up(position)
-                handle.seek(self._header_size + position)
-                spill.seek(0)
-                shutil.copyfileobj(spill, handle, _COPY_CHUNK)
-            body.append((position, length))
-            position += length
-        body_len = _round_up(position)
-        handle.seek(self._header_size + body_len)
-        template = _template(layout)
-        tail = _tail(template, self._header_size - len(template.prefix), body_len)
-        handle.write(tail)
-        handle.seek(0)
-        handle.write(_header(template, layout, self._rows, body, body_len, self._header_size))
-        handle.close()
-        # Read it back through the one reader: a self-check of the headers, and the mapping
-        # stays valid after the rename.
-        try:
-            stored = _map_file(self._tmp)
-        except _CorruptEntry as exc:
-            raise RuntimeError(f"The store wrote a file that does not read back: {exc}") from exc
+        self._writer.close()
+        self._sink.end_segment(0)  # the footer
+        self._handle.close()
         self._manifest = {
             "format": MANIFEST_FORMAT,
             "schema_version": SCHEMA_VERSION,
             "library_version": __version__,
             "data_file": self.path.name,
-            "size": self._tmp.stat().st_size,
-            "sha256": file_sha256(self._tmp),
+            "size": self._sink.tell(),
             "n_samples": self._rows,
+            "logits_shape": [self._rows, *self._shape],
+            "checksum": CHECKSUM,
+            "segments": self._sink.segments,
             "fingerprint": dict(fingerprint),
             "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
-        self._result = StoredLogits(stored.logits, stored.labels, stored.sample_ids, stored.metadata, self.path)
+        try:
+            # Opened from the temporary file: the mapping follows it through the rename.
+            self._result = _open(self._tmp, self.path, _check_manifest(self._manifest, self.path))
+        except CorruptEntryError as exc:
+            raise RuntimeError(f"The store wrote a file that does not read back: {exc}") from exc
         return self._result
+
+
+def _rows(array: np.ndarray | None, start: int, stop: int) -> np.ndarray | None:
+    return None if array is None else array[start:stop]
+
+
+def _manifest_path(data_path: Path) -> Path:
+    return data_path.with_suffix(_MANIFEST_SUFFIX)
+
+
+def _write_manifest(path: Path, manifest: Mapping[str, Any] | None) -> None:
+    atomic_write_json(path, manifest)
 
 
 # ---------------------------------------------------------------------------- reading
 
 
+@dataclass(frozen=True)
+class LogitsChunk:
+    """Consecutive rows of a store entry, verified.
+
+    Attributes
+    ----------
+    logits : torch.Tensor
+        Float32 ``(rows, *trailing)``.
+    labels : torch.Tensor or None
+        ``(rows, *label_shape)`` in the labels' dtype, or None.
+    sample_ids : numpy.ndarray
+        ``(rows,)`` int64, or object array of str.
+    start : int
+        Offset of the first row in the entry.
+    """
+
+    logits: torch.Tensor
+    labels: torch.Tensor | None
+    sample_ids: np.ndarray
+    start: int
+
+    @property
+    def rows(self) -> int:
+        """The number of rows."""
+        return int(self.logits.shape[0])
+
+    @property
+    def stop(self) -> int:
+        """Offset one past the last row."""
+        return self.start + self.rows
+
+
+@dataclass(frozen=True)
+class _Manifest:
+    """A parsed, structurally checked manifest."""
+
+    raw: dict[str, Any]
+    segments: tuple[tuple[int, int, int, str], ...]  # offset, length, rows, digest
+    stat: tuple[int, int, int] | None  # the manifest file's (inode, mtime_ns, size) when read
+
+
+class StoredLogits:
+    """An entry read from the store: opened and checked, its chunks verified as they are read.
+
+    Not built directly: :func:`load_logits`, :func:`lookup` and :meth:`LogitsWriter.commit`
+    return it.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The data file.
+    metadata : dict
+        The file's ``seapig_core`` schema metadata (see the module docstring).
+    manifest : dict or None
+        The manifest, or None when read with ``verify=False``.
+    n_samples : int
+        N.
+    logits_shape : tuple of int
+        ``(N, *trailing)``.
+    chunk_rows : tuple of int
+        Rows of each stored record batch.
+    """
+
+    def __init__(
+        self, path: Path, mapping: np.ndarray, reader: pa.ipc.RecordBatchFileReader, metadata: dict[str, Any],
+        manifest: _Manifest | None, chunk_rows: tuple[int, ...],
+    ) -> None:
+        self.path = path
+        self.metadata = metadata
+        self.manifest = None if manifest is None else manifest.raw
+        self._manifest = manifest
+        self._mapping = mapping
+        self._base = pa.py_buffer(mapping).address
+        self._reader = reader
+        self.chunk_rows = chunk_rows
+        self.n_samples = int(sum(chunk_rows))
+        self.logits_shape = (self.n_samples, *metadata["trailing_shape"])
+        self._starts = np.concatenate([[0], np.cumsum(chunk_rows, dtype=np.int64)]).tolist()
+        self._verified: set[int] = set()
+
+    def __repr__(self) -> str:
+        return f"StoredLogits({str(self.path)!r}, logits_shape={self.logits_shape}, verified={self.verified})"
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The entry's fingerprint key (from the manifest), or None when read unverified."""
+        return None if self.manifest is None else str(self.manifest["fingerprint"]["key"])
+
+    @property
+    def verified(self) -> bool:
+        """Whether chunks are verified against the manifest's checksums as they are read."""
+        return self._manifest is not None
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the entry carries labels."""
+        return self.metadata["label"] is not None
+
+    # -- chunks
+
+    def _fail(self, reason: str) -> CorruptEntryError:
+        invalidated = self._invalidate()
+        tail = "; its manifest was removed, so the next extraction recomputes it" if invalidated else ""
+        return CorruptEntryError(f"The logits store file {str(self.path)!r} is corrupt: {reason}{tail}.")
+
+    def _invalidate(self) -> bool:
+        """Remove the manifest if it is still the one this entry was opened with (best effort)."""
+        if self._manifest is None or self._manifest.stat is None:
+            return False
+        manifest_path = _manifest_path(self.path)
+        with contextlib.suppress(OSError):
+            if _stat_key(manifest_path) == self._manifest.stat:
+                manifest_path.unlink()
+                return True
+        return False
+
+    def _batch(self, index: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Record batch ``index``: logits view ``(rows, *trailing)``, labels copy, ids, verified."""
+        rows = self.chunk_rows[index]
+        low, high = 0, len(self._mapping)
+        if self._manifest is not None:
+            offset, length, _, digest = self._manifest.segments[index]
+            low, high = offset, offset + length
+            if index not in self._verified:
+                if _checksum(memoryview(self._mapping[low:high])) != digest:
+                    raise self._fail(
+                        f"rows {self._starts[index]}-{self._starts[index + 1] - 1} (chunk {index}) fail their {CHECKSUM} "
+                        "checksum"
+                    )
+                self._verified.add(index)
+        try:
+            batch = self._reader.get_batch(index)
+            batch.validate(full=True)
+            if batch.num_rows != rows:
+                raise CorruptEntryError(f"chunk {index} holds {batch.num_rows} rows, not {rows}")
+            for column in batch.columns:
+                if column.null_count or column.offset:
+                    raise CorruptEntryError(f"chunk {index} has null or sliced columns")
+                for buffer in column.buffers():
+                    if buffer is not None and buffer.size and not (
+                        low <= buffer.address - self._base and buffer.address - self._base + buffer.size <= high
+                    ):
+                        raise CorruptEntryError(f"chunk {index} reads bytes outside its checked segment")
+            values = batch.column(0).values
+            width = batch.schema.field(0).type.list_size
+            if values.offset or len(values) != rows * width:
+                raise CorruptEntryError(f"chunk {index}'s logits do not hold {rows} x {width} values")
+            start = values.buffers()[1].address - self._base
+            logits = self._mapping[start : start + 4 * rows * width].view(np.ndarray).view(np.float32)
+            logits = logits.reshape((rows, *self.logits_shape[1:]))
+            ids_column = batch.column(1)
+            ids = ids_column.to_numpy(zero_copy_only=False)
+            ids = ids.astype(object) if pa.types.is_large_string(ids_column.type) else np.array(ids, dtype=np.int64)
+            labels = None
+            if self.has_labels:
+                label = self.metadata["label"]
+                column = batch.column(2)
+                flat = column.flatten() if pa.types.is_fixed_size_list(column.type) else column
+                labels = np.array(flat.to_numpy(zero_copy_only=False)).reshape(rows, *label["shape"])
+        except CorruptEntryError as exc:
+            raise self._fail(str(exc)) from exc
+        except (pa.ArrowException, ValueError, TypeError, IndexError) as exc:
+            raise self._fail(f"chunk {index} is not readable ({type(exc).__name__}: {exc})") from exc
+        return logits, labels, ids
+
+    def iter_chunks(self, max_rows: int | None = None, *, start: int = 0, stop: int | None = None) -> Iterator[LogitsChunk]:
+        """Rows ``start:stop`` in order, as chunks of ``max_rows`` rows (the last may be shorter).
+
+        Each stored record batch is verified against its checksum when first read. A chunk inside
+        one record batch is a zero-copy view of the mapped file; one that spans record batches is
+        assembled (copied).
+
+        Parameters
+        ----------
+        max_rows : int, optional
+            Rows per chunk. Default: the stored record batches as they are.
+        start, stop : int, optional
+            The row range (default: every row).
+
+        Yields
+        ------
+        LogitsChunk
+
+        Raises
+        ------
+        CorruptEntryError
+            (a ValueError) When a record batch fails its checksum or is malformed; the entry's
+            manifest is then removed so that the next extraction recomputes it.
+        """
+        if max_rows is not None and (not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1):
+            raise ValueError(f"The 'max_rows' parameter must be a positive int or None. Got {max_rows!r} instead.")
+        stop = self.n_samples if stop is None else stop
+        for name, value in (("start", start), ("stop", stop)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= self.n_samples:
+                raise ValueError(f"The '{name}' parameter must be an int in [0, {self.n_samples}]. Got {value!r} instead.")
+        if start > stop:
+            raise ValueError(f"The 'start' parameter must not exceed 'stop'. Got start={start}, stop={stop} instead.")
+        return self._chunks(max_rows, start, stop)
+
+    def _pieces(self, start: int, stop: int) -> Iterator[tuple[int, np.ndarray, np.ndarray | None, np.ndarray]]:
+        first = int(np.searchsorted(self._starts, start, side="right")) - 1
+        for index in range(max(first, 0), len(self.chunk_rows)):
+            low, high = self._starts[index], self._starts[index + 1]
+            if low >= stop:
+                break
+            if high <= start:
+                continue
+            logits, labels, ids = self._batch(index)
+            a, b = max(start, low) - low, min(stop, high) - low
+            yield low + a, logits[a:b], None if labels is None else labels[a:b], ids[a:b]
+
+    def _chunks(self, max_rows: int | None, start: int, stop: int) -> Iterator[LogitsChunk]:
+        pending: list[tuple[int, np.ndarray, np.ndarray | None, np.ndarray]] = []
+        pending_rows = 0
+        for piece in self._pieces(start, stop):
+            offset, logits, labels, ids = piece
+            while len(logits):
+                if max_rows is None or (not pending and len(logits) >= max_rows):
+                    n = len(logits) if max_rows is None else max_rows
+                    yield self._chunk(offset, logits[:n], None if labels is None else labels[:n], ids[:n])
+                else:
+                    n = min(max_rows - pending_rows, len(logits))
+                    pending.append((offset, logits[:n], None if labels is None else labels[:n], ids[:n]))
+                    pending_rows += n
+                    if pending_rows == max_rows:
+                        yield self._joined(pending)
+                        pending, pending_rows = [], 0
+                offset, logits = offset + n, logits[n:]
+                labels, ids = None if labels is None else labels[n:], ids[n:]
+        if pending:
+            yield self._joined(pending)
+
+    def _chunk(self, start: int, logits: np.ndarray, labels: np.ndarray | None, ids: np.ndarray) -> LogitsChunk:
+        tensor_labels = None
+        if labels is not None:
+            tensor_labels = torch.from_numpy(np.ascontiguousarray(labels))
+        return LogitsChunk(torch.from_numpy(logits), tensor_labels, ids, start)
+
+    def _joined(self, parts: list[tuple[int, np.ndarray, np.ndarray | None, np.ndarray]]) -> LogitsChunk:
+        if len(parts) == 1:
+            return self._chunk(*parts[0])
+        labels = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
+        return self._chunk(parts[0][0], np.concatenate([p[1] for p in parts]), labels, np.concatenate([p[3] for p in parts]))
+
+    def verify(self) -> None:
+        """Verify every record batch now (a pass over the file, no copies).
+
+        Raises
+        ------
+        CorruptEntryError
+            As :meth:`iter_chunks`.
+        """
+        for index in range(len(self.chunk_rows)):
+            self._batch(index)
+
+    # -- the whole entry
+
+    @functools.cached_property
+    def logits(self) -> torch.Tensor:
+        """Float32 ``(N, *trailing)``, materialised (an in-memory copy), verified as read."""
+        with torch.inference_mode(False):
+            out = torch.empty(self.logits_shape, dtype=torch.float32)
+        target = out.numpy()
+        for index, (low, high) in enumerate(zip(self._starts[:-1], self._starts[1:], strict=True)):
+            target[low:high] = self._batch(index)[0]
+        return out
+
+    @functools.cached_property
+    def labels(self) -> torch.Tensor | None:
+        """``(N, *label_shape)`` in the labels' dtype (materialised, verified), or None."""
+        if not self.has_labels:
+            return None
+        return torch.from_numpy(np.concatenate([self._batch(i)[1] for i in range(len(self.chunk_rows))]))
+
+    @functools.cached_property
+    def sample_ids(self) -> np.ndarray:
+        """``(N,)`` int64, or an object array of str (materialised, verified)."""
+        return np.concatenate([self._batch(i)[2] for i in range(len(self.chunk_rows))])
+
+
+def _stat_key(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _int(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    if not isinstance(value, list) or not all(_int(v, 1) for v in value):
+        return None
+    return tuple(value)
+
+
+def _check_manifest(manifest: Any, data_path: Path, stat: tuple[int, int, int] | None = None) -> _Manifest:
+    """Structural checks of a manifest; raises CorruptEntryError naming what is wrong."""
+    problem = header_problem(manifest, MANIFEST_FORMAT, SCHEMA_VERSION)
+    if problem is not None:
+        other = isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT
+        raise (_OtherSchema if other else CorruptEntryError)(f"its manifest is not usable: {problem}")
+    fingerprint = manifest.get("fingerprint")
+    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("key"), str):
+        raise CorruptEntryError("its manifest lacks the fingerprint key")
+    if manifest.get("data_file") != data_path.name:
+        raise CorruptEntryError(f"its manifest describes {manifest.get('data_file')!r}, not {data_path.name!r}")
+    if manifest.get("checksum") != CHECKSUM:
+        raise CorruptEntryError(f"its manifest's checksum is {manifest.get('checksum')!r}, not {CHECKSUM!r}")
+    size, n = manifest.get("size"), manifest.get("n_samples")
+    shape = _shape(manifest.get("logits_shape"))
+    raw = manifest.get("segments")
+    if not _int(size, 1) or not _int(n, 1) or shape is None or shape[0] != n or not isinstance(raw, list) or len(raw) < 2:
+        raise CorruptEntryError("its manifest lacks a valid size, n_samples, logits_shape or segments")
+    segments = []
+    position = 0
+    for i, segment in enumerate(raw):
+        if not isinstance(segment, dict):
+            raise CorruptEntryError(f"its manifest's segment {i} is not an object")
+        offset, length, rows, digest = (segment.get(k) for k in ("offset", "length", "rows", "digest"))
+        last = i == len(raw) - 1
+        if (
+            offset != position or not _int(length, 1) or not _int(rows, 0 if last else 1) or (last and rows)
+            or not isinstance(digest, str)
+        ):
+            raise CorruptEntryError(f"its manifest's segment {i} is malformed or does not follow segment {i - 1}")
+        segments.append((offset, length, rows, digest))
+        position += length
+    if position != size or sum(s[2] for s in segments) != n:
+        raise CorruptEntryError("its manifest's segments do not tile the file or do not add up to n_samples")
+    return _Manifest(manifest, tuple(segments), stat)
+
+
+def _read_manifest(manifest_path: Path, data_path: Path) -> _Manifest:
+    """Read and check the manifest at ``manifest_path``; errors name the file."""
+    if not manifest_path.is_file():
+        kind = "missing" if not os.path.lexists(manifest_path) else "not a regular file"
+        raise CorruptEntryError(f"its manifest {str(manifest_path)!r} is {kind}")
+    try:
+        stat = _stat_key(manifest_path)
+        manifest = read_json_object(manifest_path, "logits store manifest")
+    except (OSError, ValueError) as exc:
+        raise CorruptEntryError(f"its manifest is not readable JSON: {exc}") from exc
+    try:
+        return _check_manifest(manifest, data_path, stat)
+    except CorruptEntryError as exc:
+        raise type(exc)(f"{exc} (in {str(manifest_path)!r})") from exc
+
+
 def _parse_metadata(schema: pa.Schema) -> dict[str, Any]:
     raw = (schema.metadata or {}).get(_META_KEY)
+    if raw is None:
+        raise CorruptEntryError(f"it has no '{FORMAT}' format header")
     try:
-        metadata = json.loads(raw) if raw is not None else None
+        metadata = loads_json(raw, "its schema metadata")
     except ValueError as exc:
-        raise _CorruptEntry(f"its metadata is not JSON ({exc})") from exc
+        raise CorruptEntryError(str(exc)) from exc
     problem = header_problem(metadata, FORMAT, SCHEMA_VERSION)
     if problem is not None:
-        raise _CorruptEntry(problem)
+        raise CorruptEntryError(problem)
+    trailing = metadata.get("trailing_shape")
+    if not isinstance(trailing, list) or not all(_int(v, 1) for v in trailing):
+        raise CorruptEntryError(f"its metadata's trailing_shape {trailing!r} is not a list of positive ints")
+    label = metadata.get("label")
+    ids = metadata.get("sample_id")
+    if not isinstance(ids, dict) or ids.get("dtype") not in ("int64", "string"):
+        raise CorruptEntryError("its metadata's sample_id dtype is not 'int64' or 'string'")
+    names = ["logits", "sample_id"] + ([] if label is None else ["label"])
+    if label is not None:
+        known = {"bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64"}
+        if not isinstance(label, dict) or label.get("dtype") not in known or _shape(label.get("shape")) is None:
+            raise CorruptEntryError("its metadata's label is not a known dtype with a shape")
+    expected = _schema(math.prod(trailing), ids["dtype"], label, metadata)
+    if schema.names != names or not all(
+        a.type == b.type and a.nullable == b.nullable for a, b in zip(schema, expected, strict=True)
+    ):
+        got = ", ".join(f"{f.name}: {f.type}" for f in schema)
+        want = ", ".join(f"{f.name}: {f.type}" for f in expected)
+        raise CorruptEntryError(f"its columns ({got}) are not the recorded layout ({want}, non-null)")
     return metadata
 
 
-def _memmap(path: Path, dtype: np.dtype, offset: int, shape: tuple[int, ...]) -> np.ndarray:
-    # Copy-on-write: the array is writable (torch.from_numpy needs that) but writes never reach
-    # the file and cost memory only for the pages written.
-    if math.prod(shape) == 0:
-        return np.empty(shape, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape).view(np.ndarray)
-
-
-def _map_file(path: Path) -> StoredLogits:
-    """Open a store file: metadata and ids/labels checked, logits memory-mapped."""
+def _open(file: Path, path: Path, manifest: _Manifest | None) -> StoredLogits:
+    """Open ``file`` (named ``path``): size, footer checksum, schema and row counts checked."""
     try:
-        with pa.memory_map(str(path), "r") as source:
-            whole = source.read_buffer()
-            reader = pa.ipc.open_file(whole)
-            metadata = _parse_metadata(reader.schema)
-            if reader.num_record_batches != 1:
-                raise _CorruptEntry(f"it holds {reader.num_record_batches} record batches, not 1")
-            batch = reader.get_batch(0)
-            batch.validate()
-            names = batch.schema.names
-            n = batch.num_rows
-            shape = tuple(metadata.get("logits_shape") or ())
-            if not shape or shape[0] != n or metadata.get("n_samples") != n or n == 0:
-                raise _CorruptEntry(f"its shape {shape} does not match its {n} rows")
-
-            def offset_of(array: pa.Array) -> tuple[int, np.dtype]:
-                if array.offset or array.null_count:
-                    raise _CorruptEntry("it has sliced or null columns")
-                data = array.buffers()[1]
-                dtype = np.dtype(array.type.to_pandas_dtype())
-                offset = data.address - whole.address
-                # pyarrow has checked the buffers against the lengths; this guards the memmap.
-                if offset < 0 or offset + len(array) * dtype.itemsize > whole.size:
-                    raise _CorruptEntry("a column lies outside the file")
-                return offset, dtype
-
-            logits = batch.column(names.index("logits")) if "logits" in names else None
-            width = math.prod(shape[1:])
-            if (
-                not isinstance(logits, pa.FixedSizeListArray)
-                or logits.type.value_type != pa.float32()
-                or logits.type.list_size != width
-            ):
-                raise _CorruptEntry("its logits column is not FixedSizeList<float32> of the recorded width")
-            offset, _ = offset_of(logits.values)
-            values = _memmap(path, np.dtype(np.float32), offset, (n, width))
-
-            ids_column = batch.column(names.index("sample_id")) if "sample_id" in names else None
-            if ids_column is None:
-                raise _CorruptEntry("it has no sample_id column")
-            if pa.types.is_int64(ids_column.type):
-                offset, dtype = offset_of(ids_column)
-                sample_ids = _memmap(path, dtype, offset, (n,))
-            elif pa.types.is_large_string(ids_column.type):
-                sample_ids = np.asarray(ids_column.to_pylist(), dtype=object)
-            else:
-                raise _CorruptEntry(f"its sample_id column has type {ids_column.type}")
-
-            labels = None
-            label_meta = metadata.get("label")
-            if "label" in names:
-                column = batch.column(names.index("label"))
-                if not isinstance(label_meta, dict):
-                    raise _CorruptEntry("it has a label column but no label metadata")
-                label_shape = tuple(label_meta.get("shape", ()))
-                if isinstance(column, pa.FixedSizeListArray):
-                    if column.offset or not label_shape or column.type.list_size != math.prod(label_shape):
-                        raise _CorruptEntry("its label column does not match the recorded label shape")
-                    offset, dtype = offset_of(column.values)
-                elif label_shape:
-                    raise _CorruptEntry("its label column does not match the recorded label shape")
-                else:
-                    offset, dtype = offset_of(column)
-                array = _memmap(path, dtype, offset, (n, *label_shape))
-                labels = torch.from_numpy(array)
-                if label_meta.get("dtype") == "bool":
-                    labels = labels.to(torch.bool)
-                elif str(labels.dtype).removeprefix("torch.") != label_meta.get("dtype"):
-                    raise _CorruptEntry(f"its labels are {labels.dtype}, not {label_meta.get('dtype')}")
-            elif label_meta is not None:
-                raise _CorruptEntry("its metadata describes labels it does not have")
-            tensor = torch.from_numpy(values).reshape(shape)
-    # Any parse failure of a file we did not (or no longer) recognise means "unreadable".
-    except (
-        pa.ArrowException, OSError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-        NotImplementedError, RuntimeError,
-    ) as exc:
-        raise _CorruptEntry(f"it is not a readable Arrow IPC store file ({type(exc).__name__}: {exc})") from exc
-    return StoredLogits(tensor, labels, sample_ids, metadata, path)
-
-
-def _read_manifest_file(manifest_path: Path) -> dict[str, Any]:
-    try:
-        manifest = read_json(manifest_path)
-    except (OSError, ValueError) as exc:
-        raise _CorruptEntry(f"its manifest is not readable JSON ({type(exc).__name__})") from exc
-    problem = header_problem(manifest, MANIFEST_FORMAT, SCHEMA_VERSION)
-    if problem is not None:
-        raise _CorruptEntry(f"its manifest is not usable: {problem}")
-    fingerprint = manifest.get("fingerprint")
-    if (
-        not isinstance(fingerprint, dict)
-        or not isinstance(manifest.get("sha256"), str)
-        or not isinstance(manifest.get("size"), int)
-    ):
-        raise _CorruptEntry("its manifest lacks the fingerprint, size or sha256")
-    return manifest
-
-
-def _verify(data_path: Path, manifest: Mapping[str, Any]) -> None:
-    try:
-        size = data_path.stat().st_size
-    except OSError as exc:
-        raise _CorruptEntry("its data file is missing") from exc
-    if size != manifest["size"]:
-        raise _CorruptEntry(f"its data file has {size} bytes, the manifest records {manifest['size']} (truncated?)")
-    if file_sha256(data_path) != manifest["sha256"]:
-        raise _CorruptEntry("its data file's SHA-256 differs from the manifest's (corrupt or replaced)")
-
-
-def _warn(data_path: Path, reason: str) -> None:
-    warnings.warn(
-        f"Ignoring the logits store entry {str(data_path)!r}: {reason}. Recomputing it.",
-        CorruptEntryWarning,
-        stacklevel=3,
-    )
-
-
-def read_manifest(outdir: str | os.PathLike[str], prefix: str | None = None) -> dict[str, Any] | None:
-    """The manifest of entry ``prefix`` in ``outdir``, or None when there is no usable one.
-
-    A missing entry returns None silently; a data file without a manifest (a run killed
-    between the two writes) or an unreadable manifest returns None with a
-    :class:`CorruptEntryWarning`. The data file itself is not read.
-    """
-    data_path, manifest_path = entry_paths(outdir, prefix)
-    if not manifest_path.exists():
-        if data_path.exists():
-            _warn(data_path, "it has no manifest (an interrupted write?)")
-        return None
-    try:
-        return _read_manifest_file(manifest_path)
-    except _CorruptEntry as exc:
-        _warn(data_path, str(exc))
-        return None
-
-
-def load_entry(
-    outdir: str | os.PathLike[str],
-    prefix: str | None,
-    key: str,
-    manifest: Mapping[str, Any] | None = None,
-) -> StoredLogits | None:
-    """Serve entry ``prefix`` if its fingerprint key is ``key`` and it verifies; else None.
-
-    Parameters
-    ----------
-    outdir, prefix
-        Name the entry (see :func:`entry_paths`).
-    key : str
-        The requested fingerprint key (:func:`fingerprint_key`).
-    manifest : Mapping, optional
-        The entry's manifest if already read with :func:`read_manifest`.
-
-    Returns
-    -------
-    StoredLogits or None
-        None for a missing entry or another fingerprint (silently, logged at INFO), and for an
-        entry that fails verification (with a :class:`CorruptEntryWarning`).
-    """
-    data_path, _ = entry_paths(outdir, prefix)
-    if manifest is None:
-        manifest = read_manifest(outdir, prefix)
-        if manifest is None:
-            return None
-    if manifest["fingerprint"].get("key") != key:
-        logger.info("Logits store entry %s has another fingerprint; recomputing.", data_path)
-        return None
-    try:
-        _verify(data_path, manifest)
-        stored = _map_file(data_path)
-        if stored.metadata.get("fingerprint", {}).get("key") != key:
-            raise _CorruptEntry("its file's fingerprint differs from its manifest's")
-    except _CorruptEntry as exc:
-        _warn(data_path, str(exc))
-        return None
-    return stored
+        size = file.stat().st_size
+        if manifest is not None and size != manifest.raw["size"]:
+            raise CorruptEntryError(f"its data file has {size} bytes, the manifest records {manifest.raw['size']} (truncated?)")
+        if size == 0:
+            raise CorruptEntryError("its data file is empty")
+        mapping = np.memmap(file, dtype=np.uint8, mode="c")
+        if manifest is not None:
+            offset, length, _, digest = manifest.segments[-1]
+            if _checksum(memoryview(mapping[offset : offset + length])) != digest:
+                raise CorruptEntryError(f"its footer fails its {CHECKSUM} checksum (corrupt or replaced)")
+        reader = pa.ipc.open_file(pa.py_buffer(mapping))
+        metadata = _parse_metadata(reader.schema)
+        if manifest is not None:
+            rows = tuple(s[2] for s in manifest.segments[:-1])
+            if reader.num_record_batches != len(rows):
+                raise CorruptEntryError(f"it holds {reader.num_record_batches} record batches, the manifest {len(rows)}")
+            if list(manifest.raw["logits_shape"][1:]) != metadata["trailing_shape"]:
+                raise CorruptEntryError("its logits shape differs from the manifest's")
+        else:
+            # Unverified: the row counts come from the batches' own headers.
+            rows = tuple(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+        if sum(rows) == 0:
+            raise CorruptEntryError("it holds no rows")
+    except CorruptEntryError:
+        raise
+    except FileNotFoundError as exc:
+        raise CorruptEntryError("its data file is missing") from exc
+    except (pa.ArrowException, OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+        raise CorruptEntryError(
+            f"it is not a readable Arrow IPC store file ({type(exc).__name__}: {exc})"
+        ) from exc
+    return StoredLogits(path, mapping, reader, metadata, manifest, rows)
 
 
 def load_logits(path: str | os.PathLike[str], *, verify: bool = True) -> StoredLogits:
-    """Read a store data file (``*.logits.arrow``), e.g. a path passed between pipeline tasks.
+    """Open a store data file (``*.logits.arrow``), e.g. a path passed between pipeline tasks.
+
+    Opening costs milliseconds whatever the size; the data is verified as it is read (see
+    :class:`StoredLogits`).
 
     Parameters
     ----------
     path : str or os.PathLike
         The data file.
     verify : bool, default True
-        Check its size and SHA-256 against the manifest beside it (``*.logits.json``).
+        Check it against the manifest beside it (``*.logits.json``): size, footer and schema at
+        once, each chunk's checksum when read. ``False`` reads any well-formed file of this
+        layout unchecked (e.g. one written by other tools).
 
     Returns
     -------
@@ -951,19 +1165,96 @@ def load_logits(path: str | os.PathLike[str], *, verify: bool = True) -> StoredL
 
     Raises
     ------
-    ValueError
-        If the file is missing, unreadable, not a store file, of another schema version, or
-        (with ``verify``) has no manifest or fails verification.
+    CorruptEntryError
+        (a ValueError) If the file is missing, unreadable, not a store file, of another schema
+        version, or (with ``verify``) has no readable manifest or fails verification.
     """
     data_path = Path(path)
     try:
         if not data_path.is_file():
-            raise _CorruptEntry("it does not exist")
+            raise CorruptEntryError("it does not exist" if not data_path.exists() else "it is not a regular file")
+        manifest = None
         if verify:
-            manifest = _read_manifest_file(data_path.with_suffix(".json"))
-            _verify(data_path, manifest)
-        return _map_file(data_path)
-    except _CorruptEntry as exc:
-        raise ValueError(
-            f"The 'path' parameter must name a valid logits store file. {str(data_path)!r}: {exc}."
-        ) from exc
+            manifest_path = _manifest_path(data_path)
+            if not os.path.lexists(manifest_path):
+                raise CorruptEntryError(
+                    f"it has no manifest {str(manifest_path)!r} (a write interrupted between the two files, or a file "
+                    "copied without it), and a store file is read only with its manifest; extract it again, or pass "
+                    "verify=False to read it unverified"
+                )
+            manifest = _read_manifest(manifest_path, data_path)
+        return _open(data_path, data_path, manifest)
+    except CorruptEntryError as exc:
+        reason = str(exc).rstrip(".")
+        raise CorruptEntryError(f"The 'path' parameter must name a valid logits store file. {str(data_path)!r}: {reason}.") from exc
+
+
+# ---------------------------------------------------------------------------- the cache policy
+
+
+def _warn(data_path: Path, reason: str) -> None:
+    warnings.warn(
+        f"Ignoring the logits store entry {str(data_path)!r}: {reason.rstrip('.')}. Recomputing it.",
+        CorruptEntryWarning,
+        stacklevel=3,
+    )
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
+
+
+def lookup(
+    outdir: str | os.PathLike[str], prefix: str | None, fingerprint: Mapping[str, Any]
+) -> StoredLogits | None:
+    """The cache policy: serve entry ``prefix`` if it has ``fingerprint`` and opens cleanly.
+
+    Parameters
+    ----------
+    outdir, prefix
+        Name the entry (see :func:`entry_paths`).
+    fingerprint : Mapping
+        The fingerprint components (see the module docstring; a ``key`` is ignored and
+        recomputed). A component given as a zero-argument callable is computed only when every
+        other component equals the entry's: e.g. the data hash, which costs a pass over the
+        loader, is skipped when the model changed.
+
+    Returns
+    -------
+    StoredLogits or None
+        The entry (opened and checked; chunks verified as read), or None: silently (logged at
+        INFO) for a missing entry, another fingerprint or an older schema version, and with a
+        :class:`CorruptEntryWarning` naming the file for a data file without a manifest, an
+        unreadable or malformed manifest (any JSON, however nested, large or not UTF-8), or a
+        data file that fails the checks.
+    """
+    data_path, manifest_path = entry_paths(outdir, prefix)
+    if not os.path.lexists(manifest_path):
+        if os.path.lexists(data_path):
+            _warn(data_path, f"it has no manifest {str(manifest_path)!r} (an interrupted write?)")
+        return None
+    try:
+        manifest = _read_manifest(manifest_path, data_path)
+    except _OtherSchema as exc:
+        logger.info("Recomputing logits store entry %s: %s.", data_path, exc)
+        return None
+    except CorruptEntryError as exc:
+        _warn(data_path, str(exc))
+        return None
+    recorded = manifest.raw["fingerprint"]
+    lazy = {name: value for name, value in fingerprint.items() if callable(value) and name != "key"}
+    given = {name: _as_json(value) for name, value in fingerprint.items() if name not in lazy and name != "key"}
+    names = (set(given) | set(lazy) | set(recorded)) - {"key"}
+    changed = sorted(name for name in names if name not in lazy and recorded.get(name) != given.get(name))
+    if not changed:
+        given.update({name: _as_json(compute()) for name, compute in lazy.items()})
+        if fingerprint_key(given) != recorded["key"]:
+            changed = sorted(lazy) or ["fingerprint"]
+    if changed:
+        logger.info("Recomputing logits store entry %s: its %s changed.", data_path, ", ".join(changed))
+        return None
+    try:
+        return _open(data_path, data_path, manifest)
+    except CorruptEntryError as exc:
+        _warn(data_path, str(exc))
+        return None
