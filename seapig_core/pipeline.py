@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from seapig_core import store
 from seapig_core._io import file_sha256
 from seapig_core._version import __version__
 from seapig_core.bundle import (
@@ -61,8 +62,10 @@ def content_fingerprint(path: str | os.PathLike[str]) -> str | None:
             return None
     if not path.is_file():
         return None
-    if path.name.endswith(".logits.arrow") and path.with_suffix(".json").is_file():
-        return file_sha256(path.with_suffix(".json"))
+    if store.is_entry(path):
+        manifest = store.entry_paths(path.parent, store.entry_prefix(path))[1]
+        if manifest.is_file():
+            return file_sha256(manifest)
     return file_sha256(path)
 
 

@@ -53,6 +53,7 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import torch
 
+from seapig_core import store
 from seapig_core._io import check_file_stem, loads_json, resolve_inside
 
 __all__ = [
@@ -74,7 +75,6 @@ __all__ = [
 
 #: Suffixes of the logit files read by :func:`read_logits_file` (store entries end in ``.logits.arrow``).
 LOGIT_FILE_SUFFIXES: tuple[str, ...] = (".npy", ".npz", ".parquet", ".arrow", ".feather")
-_STORE_SUFFIX = ".logits.arrow"
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
 
 
@@ -99,8 +99,8 @@ def _batch_name(path: Path) -> str | None:
     name = path.name
     if name.startswith("."):
         return None  # hidden files, e.g. a writer's temporary file
-    if name.endswith(_STORE_SUFFIX):
-        return name[: -len(_STORE_SUFFIX)] or None
+    if store.is_entry(path):
+        return store.entry_prefix(path) or "logits"
     for suffix in LOGIT_FILE_SUFFIXES:
         if name.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
@@ -347,15 +347,8 @@ def read_logits_file(path: str | os.PathLike[str], name: str = "logits_path") ->
             f"The '{name}' parameter must be a logits file ({', '.join('*' + s for s in LOGIT_FILE_SUFFIXES)}). Got {str(path)!r}."
         )
     try:
-        if path.name.endswith(_STORE_SUFFIX):
-            if not path.with_suffix(".json").is_file():
-                raise ValueError(
-                    f"{str(path)!r} is a logits store entry without its manifest {path.with_suffix('.json').name!r}, "
-                    f"so it cannot be verified. Copy the manifest beside it (or write the logits as .arrow/.parquet)."
-                )
-            from seapig_core.store import load_logits
-
-            stored = load_logits(path)
+        if store.is_entry(path):
+            stored = store.load_logits(path)  # refuses an entry without its manifest
             data = LogitsData(stored.logits, stored.labels, stored.sample_ids, path)
         elif path.suffix == ".npy":
             # Memory-mapped: a header that claims more data than the file holds is refused by
@@ -596,7 +589,7 @@ def extract_from_factories(
             def callback(done: int, _total: int | None, _offset: int = done_before) -> None:
                 progress_callback(_offset + done, total)
         extraction = extract_logits(net, loader, outdir=outdir, prefix=batch, progress_callback=callback, **extract_options)
-        samples = int(extraction.logits.shape[0])
+        samples = extraction.n_samples
         if samples == 0:
             raise ValueError(f"The data factory {data!r} yielded no samples for batch {batch!r}.")
         results.append(ExtractedBatch(batch, str(extraction.path), samples, bool(extraction.from_cache)))

@@ -96,7 +96,7 @@ def test_duplicate_sample_ids_are_refused(tmp_path: Path, ids: np.ndarray) -> No
 
 def test_a_store_entry_without_its_manifest_is_not_scored_unverified(tmp_path: Path) -> None:
     feather.write_feather(pa.table({"logits": pa.array(LOGITS.tolist())}), tmp_path / "b.logits.arrow")
-    _refused(tmp_path / "b.logits.arrow", "without its manifest")
+    _refused(tmp_path / "b.logits.arrow", "has no manifest")
 
 
 def test_the_inbox_refuses_outside_symlinks_odd_names_and_double_batches(tmp_path: Path) -> None:
