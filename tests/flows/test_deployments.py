@@ -1,4 +1,7 @@
-"""prefect.yaml: every deployment loads its entrypoint with valid parameters; scoring runs on a schedule."""
+"""prefect.yaml: every deployment loads its entrypoint with valid parameters; scoring runs on a schedule, one at a time.
+
+The YAML only; tests/flows/test_schedule_live.py deploys it on a real server with a worker.
+"""
 
 from __future__ import annotations
 
@@ -46,3 +49,20 @@ def test_scoring_runs_on_a_cron_schedule_and_calibration_on_demand(config: dict)
     CronSchedule(cron=schedules[0]["cron"], timezone=schedules[0]["timezone"])  # a valid cron expression
     assert not by_name["digits-calibration"].get("schedules")
     assert not by_name["digits-demo"].get("schedules")
+
+
+def test_scheduled_scoring_runs_one_at_a_time_and_cancels_the_overlap(config: dict) -> None:
+    """Issue 8, item 3: a scoring run overlapping a running one would only redo its work."""
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+
+    by_name = {d["name"]: d for d in _deployments(config)}
+    for name in ("digits-scoring", "inbox-scoring"):
+        assert by_name[name]["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}, name
+    for deployment in _deployments(config):
+        limit = deployment.get("concurrency_limit")
+        if isinstance(limit, dict):  # a typo in the strategy would only fail at deploy time
+            assert limit.get("collision_strategy", "ENQUEUE") in ConcurrencyLimitStrategy.__members__, deployment["name"]
+            assert isinstance(limit["limit"], int) and limit["limit"] >= 1, deployment["name"]
+    # Each calibration or demo run is an explicit request: none is cancelled or held back.
+    assert by_name["digits-calibration"].get("concurrency_limit") is None
+    assert by_name["digits-demo"].get("concurrency_limit") is None

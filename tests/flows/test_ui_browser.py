@@ -1,9 +1,9 @@
 """The Prefect UI shows the scoring run's density plot: `prefect server start` + headless Chromium.
 
-Starts a real Prefect server on a free localhost port (isolated ``PREFECT_HOME``), runs the
-scoring flow against it in a subprocess, then lets headless Chromium render the UI page of the
-run's ``scoring-report`` markdown artifact and looks for the embedded density image in the
-rendered DOM. A screenshot of the page is kept next to the test's temporary files (and copied to
+Starts a real Prefect server on a free localhost port (isolated ``PREFECT_HOME``; the harness of
+``tests/flows/live_server.py``), runs the scoring flow against it in a subprocess, then lets
+headless Chromium render the UI page of the run's ``scoring-report`` markdown artifact and looks
+for the embedded density image in the rendered DOM. A screenshot of the page is kept next to the test's temporary files (and copied to
 ``$SEAPIG_UI_SCREENSHOT`` when set). Skipped, saying so, only where Chromium is not installed.
 """
 
@@ -12,16 +12,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from seapig_core.pipeline import calibrate_file
+from tests.flows.live_server import LiveServer, live_prefect_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -33,50 +31,11 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture()
 def prefect_ui(tmp_path: Path):
-    """A `prefect server start` on a free port; yields (base URL, environment for clients)."""
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_API_URL": f"{base}/api",
-        "PREFECT_SERVER_UI_API_URL": f"{base}/api",  # the UI's API on a non-default port
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-    }
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"prefect server did not start:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield base, env
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+    """A `prefect server start` serving the UI on a free port (tests/flows/live_server.py)."""
+    with live_prefect_server(tmp_path / "server", ui=True) as server:
+        yield server
 
 
 def _chromium(url: str, profile: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -87,8 +46,8 @@ def _chromium(url: str, profile: Path, *extra: str) -> subprocess.CompletedProce
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium not found: install the Debian package 'chromium' (CI's .ci/run does)")
-def test_ui_renders_the_scoring_density_plot(prefect_ui, digits: dict[str, Path], tmp_path: Path) -> None:
-    base, env = prefect_ui
+def test_ui_renders_the_scoring_density_plot(prefect_ui: LiveServer, digits: dict[str, Path], tmp_path: Path) -> None:
+    base, env = prefect_ui.url, prefect_ui.env
     bundle = tmp_path / "bundle"
     calibrate_file(digits["calibration"], bundle, q=0.95)
     script = (
@@ -105,14 +64,7 @@ def test_ui_renders_the_scoring_density_plot(prefect_ui, digits: dict[str, Path]
     flow_run_id = run.stdout.strip().splitlines()[-1]
     assert not flow_run_id.startswith("FAILED"), flow_run_id
 
-    response = httpx.post(
-        f"{base}/api/artifacts/filter",
-        json={"artifacts": {"key": {"any_": ["scoring-report"]}, "flow_run_id": {"any_": [flow_run_id]}},
-              "limit": 1, "offset": 0, "sort": "CREATED_DESC"},
-        timeout=10,
-    )
-    response.raise_for_status()
-    (artifact,) = response.json()
+    (artifact,) = prefect_ui.read_artifacts(flow_run_id=flow_run_id, key="scoring-report")
     url = f"{base}/artifacts/artifact/{artifact['id']}"
 
     dom = _chromium(url, tmp_path / "chromium-dom", "--dump-dom")
