@@ -106,12 +106,12 @@ def scoring_flow(
     failed = {claim.batch: future.state.message for claim, future in zip(plan.claims, futures, strict=True) if not future.state.is_completed()}
     if scored:
         publish_scoring_artifacts(bundle["version_path"], {entry["batch"]: entry["path"] for entry in scored}, plot_dir)
-    problems = [f"{file}: {reason}" for file, reason in plan.refused.items()] + [f"{b}: {m}" for b, m in failed.items()]
-    if problems:
-        raise ScoringFailed(
-            f"{len(failed)} of {len(plan.claims)} claimed query batch(es) failed and will be retried by the next run, "
-            f"{len(plan.refused)} inbox file(s) were refused; {len(scored)} batch(es) were scored: " + "; ".join(problems)
+    if failed or plan.refused:
+        counts = ([f"{len(failed)} of {len(plan.claims)} claimed query batch(es) failed and will be retried by the next run"] if failed else []) + (
+            [f"{len(plan.refused)} inbox file(s) were refused and stay in the inbox"] if plan.refused else []
         )
+        details = [f"{batch}: {message}" for batch, message in failed.items()] + [f"{file}: {why}" for file, why in plan.refused.items()]
+        raise ScoringFailed(f"{'; '.join(counts)} ({len(scored)} batch(es) were scored). " + "; ".join(details))
     return {
         "bundle_version": bundle["version"],
         "bundle_dir": bundle["bundle_dir"],
