@@ -7,6 +7,7 @@ from typing import Any
 
 from prefect import flow
 
+from seapig_core.bundle import DEFAULT_KEEP_PREVIOUS, CalibrationSettings
 from seapig_core.sources import check_source
 from tasks import extract_logits_task, fit_selector_task, publish_calibration_artifacts
 
@@ -28,15 +29,25 @@ def calibration_flow(
     seed: int = 0,
     task: str = "multiclass",
     per_member: bool = False,
+    temperature: float | None = None,
+    n_bins: int = 15,
+    risk_method: str = "sgr",
+    class_names: list[str] | None = None,
+    keep_previous: int = DEFAULT_KEEP_PREVIOUS,
     plot_dir: str | None = None,
     extract_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fit a selector on calibration data and save it as a bundle, with review artifacts.
+    """Fit a selector on calibration data and save it as a new bundle version, with review artifacts.
+
+    The calibration parameters become one :class:`seapig_core.bundle.CalibrationSettings`,
+    validated before any work. If the bundle's current version was calibrated from the same
+    content with the same settings and library version and loads cleanly, it is reused
+    (``reused`` is True: nothing is refitted or written); a bundle that fails to load is refitted.
 
     Parameters
     ----------
     bundle_dir : str
-        Where the selector bundle is written (replacing an earlier one).
+        The bundle root: a new version is written there and the pointer switched to it.
     logits_path : str, optional
         A file of precomputed calibration logits with labels (``.npz``, ``.parquet``, ``.arrow``,
         a logits store entry; see ``seapig_core.sources``). Give this, or ``model`` and ``data``.
@@ -59,6 +70,16 @@ def calibration_flow(
         threshold and the reported metrics use the rest.
     task, per_member : str, bool
         The logits' task (``multiclass``, ``binary``, ``multilabel``) and member axis.
+    temperature : float, optional
+        Use this temperature instead of fitting one.
+    n_bins : int
+        Bins of the expected calibration error in the report.
+    risk_method : str
+        Method of the guaranteed-risk threshold (``"sgr"``; see ``seapig_core.risk.METHODS``).
+    class_names : list of str, optional
+        Class names kept by the bundle for reports and review queues.
+    keep_previous : int
+        Old bundle versions kept besides the current one (rollback, and readers still using them).
     plot_dir : str, optional
         Also write the report's plots there as PNG files.
     extract_options : dict, optional
@@ -67,16 +88,23 @@ def calibration_flow(
     Returns
     -------
     dict
-        The bundle directory, its manifest hash and the calibration summary.
+        ``seapig_core.pipeline.calibrate_file``'s summary: ``bundle_dir``, ``version``,
+        ``version_path``, ``manifest_sha256``, ``threshold``, ``temperature``, ``calibration``
+        and ``reused``.
     """
+    settings = CalibrationSettings(
+        scores=("softmax",) if scores is None else scores, q=q, task=task, per_member=per_member, temperature=temperature,
+        target_risk=target_risk, delta=delta, split_fraction=split_fraction, seed=seed, n_bins=n_bins,
+        risk_method=risk_method, class_names=class_names,
+    )
+    if isinstance(keep_previous, bool) or not isinstance(keep_previous, int) or keep_previous < 0:
+        raise ValueError(f"The 'keep_previous' parameter must be a non-negative integer. Got {keep_previous!r} instead.")
     if check_source(logits_path, model, data, "logits_path") == "model":
         store = store_dir or str(Path(bundle_dir).parent / "logits")
         extracted = extract_logits_task(model, data, store, model_kwargs, data_kwargs, "calibration", extract_options)
         if len(extracted) != 1:
             raise ValueError(f"The calibration data factory {data!r} must return one DataLoader. Got {len(extracted)} batches.")
         logits_path = extracted[0]["path"]
-    result = fit_selector_task(
-        logits_path, bundle_dir, scores or ["softmax"], q, target_risk, delta, split_fraction, seed, task, per_member
-    )
-    publish_calibration_artifacts(bundle_dir, plot_dir)
+    result = fit_selector_task(logits_path, bundle_dir, settings, keep_previous)
+    publish_calibration_artifacts(result["version_path"], plot_dir)
     return result

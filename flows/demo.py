@@ -65,11 +65,13 @@ def demo_flow(
         data_kwargs={"split": "calibration"}, store_dir=paths["logits"], scores=scores or ["softmax", "energy", "entropy"],
         q=q, target_risk=target_risk, plot_dir=paths["plots"],
     )
+    # The demo scores with the bundle it just calibrated: a new version rescores the batches.
     scored = scoring_flow(
         bundle_dir=paths["bundle"], output_dir=paths["selections"], model=model, data=f"{DIGITS}:query_loaders",
         model_kwargs=model_kwargs, data_kwargs={"n_batches": n_batches}, store_dir=paths["logits"], plot_dir=paths["plots"],
+        rescore_on_new_bundle=True,
     )
-    return {"paths": paths, "calibration": calibration["calibration"], "batches": scored}
+    return {"paths": paths, "calibration": calibration["calibration"], "selections": scored["selections"]}
 
 
 def _prefect_target() -> tuple[str, str | None]:
@@ -96,7 +98,7 @@ def _print_summary(result: dict[str, Any], ui_url: str | None, flow_run_id: Any)
         f"AURC {cal['aurc']:.4f}; threshold {cal['threshold']:.4f} keeps {cal['coverage']:.1%} "
         f"with selective risk {cal['selective_risk']:.3f}"
     )
-    tables = [read_selections(entry["path"]) for entry in result["batches"]]
+    tables = [read_selections(path) for path in result["selections"].values()]
     by_kind = rejection_by_kind(pd.concat(tables, ignore_index=True))
     by_kind.insert(0, "what", [QUERY_KINDS.get(kind, "") for kind in by_kind.index])
     print("\nQuery batches, rejections by kind of sample:")

@@ -153,13 +153,20 @@ def score_file(
 ) -> dict[str, Any]:
     """Score and select one query batch; write ``<output_dir>/<batch>.selections.parquet``.
 
+    The bundle is loaded once (:func:`seapig_core.bundle.load_bundle`) and everything the
+    selections file records about it comes from that one loaded object: its ``bundle_version``,
+    ``bundle_manifest_sha256``, ``threshold``, ``temperature`` and primary score, and the bundle
+    root (``bundle_dir``). Pass a version directory (``version_path``) to score with exactly that
+    version while calibrations switch the bundle's pointer; pass the root for its current version.
+
     The file is written atomically and replaces an earlier file of the same batch; if anything
     fails, no partial file is left and the earlier file is kept.
 
     Returns
     -------
     dict
-        ``batch``, ``path`` and :func:`seapig_core.selections.summarize_selections`.
+        ``batch``, ``path``, ``bundle_version``, ``bundle_manifest_sha256`` and
+        :func:`seapig_core.selections.summarize_selections`.
 
     Raises
     ------
@@ -170,17 +177,21 @@ def score_file(
     bundle = load_bundle(bundle_dir)
     data = read_logits_file(logits_path, name="logits_path")
     table = selections_table(bundle, data.logits, data.sample_ids)
+    provenance = {
+        "bundle_version": bundle.version,
+        "bundle_manifest_sha256": bundle.manifest_sha256,
+        "bundle_dir": None if bundle.path is None else str(Path(bundle.path).resolve()),
+    }
     metadata = {
         "batch": batch,
         "primary": bundle.primary_name,
         "threshold": bundle.threshold,
         "temperature": bundle.temperature,
-        "bundle_dir": str(Path(bundle_dir).resolve()),
-        "bundle_manifest_sha256": bundle.manifest_sha256,
+        **provenance,
         "logits_sha256": content_fingerprint(logits_path),
     }
     path = write_selections(table, selections_path(output_dir, batch), metadata=metadata)
-    return {"batch": batch, "path": str(path), **summarize_selections(bundle, table)}
+    return {"batch": batch, "path": str(path), **provenance, **summarize_selections(bundle, table)}
 
 
 def calibration_review(

@@ -1,76 +1,21 @@
-"""What the tasks share: content-fingerprint cache keys, retry policy, a progress artifact.
+"""What the tasks share: the retry policy and a progress artifact.
 
-Prefect's default task-source cache policy sees only a task's own lines, not the library it
-calls, nor the files its parameters name. :class:`ContentCache` keys a task on
-``seapig_core.__version__``, its source, its parameters and the *content* of the files it reads
-and writes, so a cached result is reused only for the same code and the same bytes.
+No task uses a Prefect cache policy: each step's own store is its cache and verifies what it
+serves (the logits store for extraction, the bundle for calibration, the ledger for scoring).
+Prefect's cache saw only a task's parameters and, through a hand-made key, some file hashes:
+it served a broken bundle, and it began caching on the third run.
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import CachePolicy
 from prefect.client.schemas.objects import State, TaskRun
-from prefect.context import TaskRunContext
 
-import seapig_core
-from seapig_core.pipeline import content_fingerprint
-
-__all__ = ["ContentCache", "ProgressArtifact", "retry_unless_bad_input"]
-
-
-@dataclass
-class ContentCache(CachePolicy):
-    """Cache key from the library version, the task's source, its parameters and file contents.
-
-    Parameters
-    ----------
-    inputs : tuple of str
-        Parameters naming files or bundle directories the task reads; their content hashes
-        (:func:`seapig_core.pipeline.content_fingerprint`) enter the key.
-    outputs : callable, optional
-        ``parameters -> list of paths`` the task writes. Their current content enters the key,
-        and while one is absent there is no key (the task runs): a deleted or edited output is
-        rebuilt instead of being served from the cache.
-    """
-
-    inputs: tuple[str, ...] = ()
-    outputs: Callable[[dict[str, Any]], list[str]] | None = field(default=None, repr=False)
-
-    def compute_key(
-        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
-    ) -> str | None:
-        content: dict[str, str] = {}
-        for name in self.inputs:
-            if inputs.get(name) is None:
-                continue
-            fingerprint = content_fingerprint(inputs[name])
-            if fingerprint is None:
-                return None  # the task will fail with a clear error; nothing to cache
-            content[f"input:{name}"] = fingerprint
-        for path in self.outputs(inputs) if self.outputs else []:
-            fingerprint = content_fingerprint(path)
-            if fingerprint is None:
-                return None
-            content[f"output:{path}"] = fingerprint
-        fn = task_ctx.task.fn
-        payload = {
-            "library_version": seapig_core.__version__,
-            "task": f"{fn.__module__}.{fn.__qualname__}",
-            "source": hashlib.sha256(inspect.getsource(fn).encode()).hexdigest(),
-            "parameters": inputs,
-            "content": content,
-        }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+__all__ = ["ProgressArtifact", "retry_unless_bad_input"]
 
 
 def retry_unless_bad_input(task: Any, task_run: TaskRun, state: State) -> bool:

@@ -1,4 +1,4 @@
-"""Tasks that produce logit files: extraction from a model and data, or a directory of files."""
+"""The task that produces logit files from a model and data: extraction into the logits store."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from seapig_core.sources import extract_from_factories, list_logit_files
+from seapig_core.sources import extract_from_factories
 from tasks._support import ProgressArtifact, retry_unless_bad_input
 
 
@@ -38,9 +38,3 @@ def extract_logits_task(
     )
     progress.finish()
     return [asdict(b) for b in batches]
-
-
-@task(name="list-logit-files", cache_policy=NO_CACHE)
-def list_logit_files_task(logits_dir: str) -> dict[str, str]:
-    """The logit files of a directory by batch name."""
-    return {batch: str(path) for batch, path in list_logit_files(logits_dir).items()}

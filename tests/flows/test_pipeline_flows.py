@@ -14,7 +14,9 @@ import pytest
 
 from flows.calibration import calibration_flow
 from flows.scoring import ScoringFailed, scoring_flow
+from seapig_core._io import is_temporary_name
 from seapig_core.bundle import MANIFEST_NAME, load_bundle
+from seapig_core.ledger import Ledger
 from seapig_core.selections import read_selections
 from tests.flows.harness import DIGITS, read_artifacts, read_logs, read_task_runs
 
@@ -81,7 +83,7 @@ def test_scoring_flow_from_model_and_data(calibrated: dict, digits: dict[str, Pa
         store_dir=str(tmp_path / "logits"), plot_dir=str(tmp_path / "plots"), return_state=True,
     )
     assert state.is_completed(), state.message
-    files = sorted(p.name for p in out.iterdir())
+    files = sorted(p.name for p in out.glob("*.parquet"))
     assert files == [f"batch-00{i}.selections.parquet" for i in range(3)]
     table = pd.concat([read_selections(out / name) for name in files])
     for column in ("sample_id", "prediction", "score", "selected", "alternate_label", "certainty_ratio", "score_energy"):
@@ -102,16 +104,15 @@ def test_scoring_flow_from_model_and_data(calibrated: dict, digits: dict[str, Pa
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [f"batch-00{i}-density.png" for i in range(3)]
 
 
-def test_rerunning_a_batch_replaces_its_output(calibrated: dict, digits: dict[str, Path], tmp_path: Path) -> None:
+def test_rerunning_with_nothing_new_keeps_the_outputs(calibrated: dict, digits: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     first = scoring_flow(bundle_dir=str(calibrated["bundle"]), output_dir=str(out), logits_dir=str(digits["queries"]))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    for _ in range(2):  # the second re-run is served from the content-keyed cache
-        again = scoring_flow(bundle_dir=str(calibrated["bundle"]), output_dir=str(out), logits_dir=str(digits["queries"]))
+    again = scoring_flow(bundle_dir=str(calibrated["bundle"]), output_dir=str(out), logits_dir=str(digits["queries"]))
     after = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert sorted(after) == sorted(before) == [f"batch-00{i}.selections.parquet" for i in range(3)]
+    assert sorted(p.name for p in out.glob("*.parquet")) == [f"batch-00{i}.selections.parquet" for i in range(3)]
     assert after == before
-    assert [r["path"] for r in again] == [r["path"] for r in first]
+    assert again["scored"] == [] and again["selections"] == first["selections"]  # served by the ledger
 
 
 def test_failing_batch_leaves_no_partial_file(
@@ -135,16 +136,26 @@ def test_failing_batch_leaves_no_partial_file(
         return real_write(table, where, *args, **kwargs)
 
     monkeypatch.setattr(selections.pq, "write_table", dying_write)
+    with np.load(queries / "batch-001.npz") as old:  # new content for batch-001: the ledger rescores it
+        np.savez(queries / "batch-001.npz", logits=old["logits"], sample_ids=np.char.add(old["sample_ids"], "-v2"))
     state = scoring_flow(bundle_dir=str(calibrated["bundle"]), output_dir=str(out), logits_dir=str(queries), return_state=True)
 
     assert state.is_failed()
     assert "batch-001" in state.message and "No space left on device" in state.message
-    with pytest.raises(ScoringFailed, match="1 of 3 query batch"):
+    with pytest.raises(ScoringFailed, match="1 of 1 claimed query batch"):
         state.result()
     assert (out / "batch-001.selections.parquet").read_bytes() == earlier  # the earlier output is kept
-    assert sorted(p.name for p in out.iterdir()) == [f"batch-00{i}.selections.parquet" for i in range(3)]  # no temporary file
+    assert sorted(p.name for p in out.glob("*.parquet")) == [f"batch-00{i}.selections.parquet" for i in range(3)]
+    assert [p.name for p in out.iterdir() if is_temporary_name(p.name)] == []  # no temporary file
     logs = "\n".join(read_logs(state.state_details.flow_run_id))
     assert "No space left on device" in logs
+    failed = [e for e in Ledger(out).entries() if e.batch == "batch-001" and e.state == "failed"]
+    assert len(failed) == 1
+
+    monkeypatch.undo()  # the disk has space again: the next run retries the failed batch, and only it
+    retried = scoring_flow(bundle_dir=str(calibrated["bundle"]), output_dir=str(out), logits_dir=str(queries))
+    assert [entry["batch"] for entry in retried["scored"]] == ["batch-001"]
+    assert read_selections(out / "batch-001.selections.parquet")["sample_id"].str.endswith("-v2").all()
 
 
 def test_scoring_a_batch_with_another_class_count_fails_clearly(calibrated: dict, digits: dict[str, Path], tmp_path: Path) -> None:
@@ -156,7 +167,7 @@ def test_scoring_a_batch_with_another_class_count_fails_clearly(calibrated: dict
     state = scoring_flow(bundle_dir=str(calibrated["bundle"]), output_dir=str(out), logits_dir=str(queries), return_state=True)
     assert state.is_failed()
     assert "wide" in state.message and "10 logits per sample" in state.message and "12 per sample" in state.message
-    assert sorted(p.name for p in out.iterdir()) == ["batch-000.selections.parquet"]  # the good batch is still written
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["batch-000.selections.parquet"]  # the good batch is still written
     assert "scoring-report" in read_artifacts(state.state_details.flow_run_id)
 
 
@@ -219,15 +230,26 @@ def test_bundle_of_another_schema_version_is_rejected(calibrated: dict, digits: 
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "no logit files"])
-def test_empty_or_missing_query_source(case: str, calibrated: dict, tmp_path: Path) -> None:
+def test_missing_query_source(calibrated: dict, tmp_path: Path) -> None:
+    state = _failed_run(
+        scoring_flow, bundle_dir=str(calibrated["bundle"]), output_dir=str(tmp_path / "out"), logits_dir=str(tmp_path / "queries")
+    )
+    assert "'logits_dir'" in state.message and "does not exist" in state.message
+
+
+@pytest.mark.parametrize("case", ["empty", "no logit files"])
+def test_an_empty_inbox_is_nothing_new(case: str, calibrated: dict, tmp_path: Path) -> None:
+    """An inbox drained by the archive is the normal state of a scheduled scorer, not an error."""
     queries = tmp_path / "queries"
-    if case != "missing":
-        queries.mkdir()
+    queries.mkdir()
     if case == "no logit files":
         (queries / "notes.txt").write_text("not logits")
-    state = _failed_run(scoring_flow, bundle_dir=str(calibrated["bundle"]), output_dir=str(tmp_path / "out"), logits_dir=str(queries))
-    assert ("does not exist" if case == "missing" else "holds none") in state.message
+    state = scoring_flow(
+        bundle_dir=str(calibrated["bundle"]), output_dir=str(tmp_path / "out"), logits_dir=str(queries), return_state=True
+    )
+    assert state.is_completed(), state.message
+    assert state.result()["scored"] == [] and not list((tmp_path / "out").glob("*.parquet"))
+    assert any(line.startswith("Nothing new") for line in read_logs(state.state_details.flow_run_id))
 
 
 def test_unwritable_output_dir(calibrated: dict, digits: dict[str, Path], tmp_path: Path) -> None:
@@ -236,7 +258,8 @@ def test_unwritable_output_dir(calibrated: dict, digits: dict[str, Path], tmp_pa
     state = _failed_run(
         scoring_flow, bundle_dir=str(calibrated["bundle"]), output_dir=str(blocker / "out"), logits_dir=str(digits["queries"])
     )
-    assert "3 of 3 query batch(es) failed" in state.message and "writable directory" in state.message
+    assert "The 'output_dir' parameter must be a writable directory" in state.message
+    assert not [run for run in read_task_runs(state.state_details.flow_run_id) if run.name.startswith("score-")]
 
 
 def test_the_server_accepts_the_clients_default_filters(calibrated: dict) -> None:

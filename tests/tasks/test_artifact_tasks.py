@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import fit_selector_task, publish_calibration_artifacts, publish_scoring_artifacts, score_batch_task
+from seapig_core.bundle import CalibrationSettings
+from seapig_core.pipeline import score_file
+from tasks import fit_selector_task, publish_calibration_artifacts, publish_scoring_artifacts
 from tests.flows.harness import read_artifact_by_id, run_in_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -15,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 
 def test_publish_calibration_and_scoring_artifacts(digits: dict[str, Path], tmp_path: Path) -> None:
     bundle = str(tmp_path / "bundle")
-    fit_selector_task.fn(str(digits["calibration"]), bundle, ["softmax"], q=0.95, target_risk=0.05)
+    fit_selector_task.fn(str(digits["calibration"]), bundle, CalibrationSettings(scores=["softmax"], q=0.95, target_risk=0.05))
     ids = run_in_flow(publish_calibration_artifacts.fn, bundle, plot_dir=str(tmp_path / "plots"))
     assert set(ids) == {"calibration-summary", "calibration-report"}
     table = read_artifact_by_id(ids["calibration-summary"])
@@ -27,7 +29,7 @@ def test_publish_calibration_and_scoring_artifacts(digits: dict[str, Path], tmp_
     assert len(list((tmp_path / "plots").glob("*.png"))) == 4
 
     selections = {
-        name: score_batch_task.fn(bundle, str(digits["queries"] / f"{name}.npz"), str(tmp_path / "out"), name)["path"]
+        name: score_file(bundle, digits["queries"] / f"{name}.npz", tmp_path / "out", name)["path"]
         for name in ("batch-000", "batch-001")
     }
     ids = run_in_flow(publish_scoring_artifacts.fn, bundle, selections)

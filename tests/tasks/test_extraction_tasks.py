@@ -1,14 +1,13 @@
-"""extract_logits_task and list_logit_files_task, through .fn()."""
+"""extract_logits_task through .fn(), and the shared retry policy and progress artifact."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 from prefect.states import Completed, Failed
 
-from tasks import extract_logits_task, list_logit_files_task
+from tasks import extract_logits_task
 from tasks._support import ProgressArtifact, retry_unless_bad_input
 from tests.flows.harness import DIGITS, read_artifact_by_id, run_in_flow
 
@@ -65,11 +64,3 @@ def test_retry_only_transient_errors() -> None:
     assert not retry_unless_bad_input(None, None, Failed(data=TypeError("bad type")))
     assert retry_unless_bad_input(None, None, Failed(data=ConnectionError("flaky storage")))
     assert retry_unless_bad_input(None, None, Completed(data=1))
-
-
-def test_list_logit_files_task(tmp_path: Path) -> None:
-    np.save(tmp_path / "b.npy", np.zeros((2, 3), dtype=np.float32))
-    np.savez(tmp_path / "a.npz", logits=np.zeros((2, 3), dtype=np.float32))
-    assert list_logit_files_task.fn(str(tmp_path)) == {"a": str(tmp_path / "a.npz"), "b": str(tmp_path / "b.npy")}
-    with pytest.raises(ValueError, match="does not exist"):
-        list_logit_files_task.fn(str(tmp_path / "missing"))

@@ -1,0 +1,34 @@
+"""Tasks of an exactly-once scoring run: list the inbox, plan against the ledger, score one claim.
+
+No Prefect cache: the ledger of ``output_dir`` (:mod:`seapig_core.ledger`) is the cache of
+scoring. It records each input content scored with its selections file, so a re-run scores
+only new or changed files, and overlapping runs never score a file twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import deployment, flow_run
+
+from seapig_core.inbox import ScoringPlan, plan_scoring, score_claim
+from seapig_core.ledger import Claim
+
+
+@task(name="plan-scoring", cache_policy=NO_CACHE)
+def plan_scoring_task(
+    source: str | dict[str, str], output_dir: str, bundle_version: str, rescore_on_new_bundle: bool = False
+) -> ScoringPlan:
+    """Claim in the ledger the batches of an inbox (or of extracted entries) not yet scored."""
+    return plan_scoring(
+        source, output_dir, bundle_version, rescore_on_new_bundle=rescore_on_new_bundle,
+        run_id=None if flow_run.id is None else str(flow_run.id), deployment=deployment.name,
+    )
+
+
+@task(name="score-batch", task_run_name="score-{claim.batch}", cache_policy=NO_CACHE)
+def score_batch_task(claim: Claim, bundle_path: str, output_dir: str, archive_dir: str | None = None) -> dict[str, Any]:
+    """Score one claimed batch with the run's bundle version, archive it if asked, and record it in the ledger."""
+    return score_claim(claim, bundle_path, output_dir, archive_dir=archive_dir)
