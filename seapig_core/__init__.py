@@ -9,6 +9,7 @@ The library never imports Prefect; the pipeline lives in the repository's ``task
 from seapig_core._version import __version__
 from seapig_core.extract import Extraction, extract_logits
 from seapig_core.persistence import load_score
+from seapig_core.probabilities import logits_from_probabilities
 from seapig_core.scores import (
     SCORES,
     CertaintyRatioScore,
@@ -36,5 +37,6 @@ __all__ = [
     "__version__",
     "extract_logits",
     "load_score",
+    "logits_from_probabilities",
     "make_score",
 ]
