@@ -94,20 +94,22 @@ def reference_sgr(scores, errors, target, delta):
 
 
 def reference_ltt(scores, errors, target, delta):
-    """The documented LTT, written out as Wiens's fallback procedure with weights delta/2 at the
-    two starts (counts found by scanning their definitions). Returns (index, level) or None."""
+    """The documented LTT, written out as Wiens's fallback procedure with the documented weights
+    at the documented starts (counts found by scanning their definitions). Returns
+    (index, level of the accepting test) or None."""
     values, n, k = _candidates(scores, errors)
-    half = delta / 2
-
-    count_a = next(c for c in range(1, 10**7) if 1 - half ** (1 / c) <= target)
-    counts = np.arange(1, 20001)
-    passes = binomial_upper_bound(np.floor(counts * target / 2), counts, half) <= target
-    count_b = next(int(c) for c in counts[:10000] if passes[c - 1 : 2 * c].all())
+    count_a = next(c for c in range(1, 10**7) if 1 - (delta / 2) ** (1 / c) <= target)
+    counts = np.arange(1, 40001)
+    passes = binomial_upper_bound(np.floor(counts * target / 2), counts, delta / 4) <= target
+    count_b = next(int(c) for c in counts[:20000] if passes[c - 1 : 2 * c].all())
+    restarts = [count_b * 2**j for j in range(1, 40) if count_b * 2**j <= n[-1]]
+    starts = [(count_a, delta / 2), (count_b, delta / 4 if restarts else delta / 2)]
+    starts += [(c, delta / 4 / len(restarts)) for c in restarts]
     weights = np.zeros(values.size)
-    for count in (count_a, count_b):
+    for count, weight in starts:
         j = int(np.searchsorted(n, count))
         if j < values.size:
-            weights[j] += half
+            weights[j] += weight
     level, best = 0.0, None
     for j in range(values.size):
         level += weights[j]
@@ -130,20 +132,20 @@ def _check_invariants(rt, scores, errors, target, delta, method="sgr"):
     assert rt.coverage == pytest.approx(n / scores.size)
     assert rt.empirical_risk == pytest.approx(k / n)
     m = np.unique(scores[finite]).size
-    if method == "sgr":
-        assert rt.n_tests == math.ceil(math.log2(m + 1))
-    else:
-        assert rt.n_tests in (1, 2)
-    assert rt.risk_bound == pytest.approx(binomial_upper_bound(k, n, delta / rt.n_tests), abs=1e-12)
     assert rt.empirical_risk <= rt.risk_bound <= target
     assert (rt.target_risk, rt.delta, rt.method) == (target, delta, method)
     # The result is the documented algorithm's, written out independently.
     values = np.unique(scores[finite])
     chosen = int(np.searchsorted(values, scores[selected].max()))
     if method == "sgr":
+        assert rt.n_tests == math.ceil(math.log2(m + 1))
+        assert rt.risk_bound == pytest.approx(binomial_upper_bound(k, n, delta / rt.n_tests), abs=1e-12)
         assert reference_sgr(scores, errors, target, delta) == chosen
     else:
-        assert reference_ltt(scores, errors, target, delta) == (chosen, delta / rt.n_tests)
+        index, level = reference_ltt(scores, errors, target, delta)
+        assert index == chosen
+        assert rt.n_tests == math.ceil(delta / level - 1e-9)
+        assert rt.risk_bound == pytest.approx(binomial_upper_bound(k, n, level), abs=1e-12)
 
 
 @pytest.mark.parametrize("method", ["sgr", "ltt"])
@@ -246,8 +248,8 @@ def test_sgr_no_longer_steps_past_a_feasible_window():
 
 def test_ltt_restarts_after_confident_errors():
     """Confidently wrong samples among the first ones break the sequence from the first start;
-    the second start (where half the target's error rate passes) resumes it at delta / 2, where a
-    plain fixed sequence from the first start would stop at a tiny coverage."""
+    the later starts resume it at their (smaller) levels, where a plain fixed sequence from the
+    first start would stop at a tiny coverage."""
     rng = np.random.default_rng(3)
     n = 4000
     scores = np.arange(float(n))
@@ -261,12 +263,13 @@ def test_ltt_restarts_after_confident_errors():
     plain_stop = start + int(np.argmax(p[start:] > 0.05))  # plain FST at delta from the first start
     assert plain_stop < 60
     rt = guaranteed_risk_threshold(scores, errors, 0.1, 0.05, method="ltt")
-    assert rt.n_tests == 2 and rt.n_selected > 2000
+    assert rt.n_tests == 2 and rt.n_selected > 2000  # accepted at delta / 2 (B and the restarts)
     _check_invariants(rt, scores, errors, 0.1, 0.05, "ltt")
     # On the same data without the confident mistakes, the whole sequence runs at delta.
     errors[[40, 41, 42]] = 0.0
     clean = guaranteed_risk_threshold(scores, errors, 0.1, 0.05, method="ltt")
     assert clean.n_tests == 1 and clean.n_selected >= rt.n_selected
+    _check_invariants(clean, scores, errors, 0.1, 0.05, "ltt")
 
 
 def test_risk_threshold_to_dict_is_json():
