@@ -12,14 +12,20 @@ Two tables, written to ``benchmarks/results/risk.md``.
 1. the threshold is chosen on the calibration part by
    :func:`seapig_core.risk.guaranteed_risk_threshold` (target risk ``r``, ``delta``,
    ``method="sgr"`` or ``"ltt"``);
-2. the realised selective risk of that threshold is measured on the test part; a split
-   *violates* when it exceeds ``r``. The count over the splits is compared with the binomial
-   limit ``binom.ppf(0.999, splits, delta)`` (exceeded with probability < 0.1% when the
-   violation probability is exactly ``delta``). The realised risk on a finite test half is
-   noisier than the distribution's risk, so this is a conservative check;
-3. the coverage reached on the test part is reported beside two oracles on the same test part:
-   the *hindsight* coverage (the largest coverage whose test selective risk is at most ``r``
-   with the same score) and the *perfect ordering* coverage (rejecting errors first).
+2. the realised selective risk of that threshold is measured on the test part (*realised
+   violation* when it exceeds ``r``), and the coverage reached there is reported beside two
+   oracles on the same test part: the *hindsight* coverage (the largest coverage whose test
+   selective risk is at most ``r`` with the same score) and the *perfect ordering* coverage
+   (rejecting errors first);
+3. the guarantee itself is about the distribution's risk, which a finite test half only
+   estimates: a method that spends ``delta`` exactly leaves the true risk just below ``r``, and
+   the test half's noise then pushes the realised risk above ``r`` far more often than
+   ``delta`` (MAPIE's fixed-sequence LTT does the same in table 2). So the same number of
+   calibration sets is also drawn *with replacement* from the record, treated as the
+   population, and the threshold's true selective risk is computed on the whole record (*true
+   violation*). The verdict compares the true violations with the binomial limit
+   ``binom.ppf(0.999, splits, delta)`` (exceeded with probability < 0.1% when the violation
+   probability is exactly ``delta``).
 
 Protocols: ``threshold only``: temperature 1 (MSP of the raw logits), threshold on half the
 record, test on the other half. ``split``: the split protocol through the public API,
@@ -165,7 +171,14 @@ def oracle_coverages(test_scores: np.ndarray, test_errors: np.ndarray, target: f
     return float(rc.coverage_at(target)), perfect
 
 
-def simulate(logits, labels, target, delta, n_splits, seed, protocol, method):
+def simulate(logits, labels, target, delta, n_splits, seed, protocol, method, sampling="split"):
+    """One setting over ``n_splits`` draws; rows of (risk, coverage, calibration coverage, bound,
+    hindsight, perfect) and the infeasible count.
+
+    ``sampling="split"``: random halves, risk and coverage realised on the test half (with the
+    oracles). ``"population"``: calibration parts drawn with replacement from the record, risk
+    and coverage true on the whole record (oracles NaN).
+    """
     from seapig_core.metrics import prediction_errors
     from seapig_core.risk import guaranteed_risk_threshold
     from seapig_core.scores import SoftmaxScore
@@ -177,10 +190,12 @@ def simulate(logits, labels, target, delta, n_splits, seed, protocol, method):
     rows = []
     infeasible = 0
     for _ in range(n_splits):
-        perm = rng.permutation(n)
-        test = perm[n // 2 :]
+        if sampling == "split":
+            perm = rng.permutation(n)
+            cal, part_a, part_b, test = perm[: n // 2], perm[: n // 4], perm[n // 4 : n // 2], perm[n // 2 :]
+        else:
+            cal, part_a, part_b, test = rng.integers(0, n, n // 2), rng.integers(0, n, n // 4), rng.integers(0, n, n // 4), np.arange(n)
         if protocol == "threshold only":
-            cal = perm[: n // 2]
             try:
                 rt = guaranteed_risk_threshold(scores_t1[cal], errors_t1[cal], target, delta, method=method)
             except ValueError:
@@ -188,7 +203,6 @@ def simulate(logits, labels, target, delta, n_splits, seed, protocol, method):
                 continue
             test_scores, test_errors = scores_t1[test], errors_t1[test]
         else:
-            part_a, part_b = perm[: n // 4], perm[n // 4 : n // 2]
             score = SoftmaxScore().fit(logits[part_a], labels[part_a])
             try:
                 score.set_risk_threshold(target, delta, X=logits[part_b], Y=labels[part_b], method=method)
@@ -200,7 +214,10 @@ def simulate(logits, labels, target, delta, n_splits, seed, protocol, method):
             test_errors = prediction_errors(logits[test], labels[test], temperature=score.T)
         selected = test_scores < rt.threshold
         test_risk = float(test_errors[selected].mean()) if selected.any() else 0.0
-        hindsight, perfect = oracle_coverages(test_scores, test_errors, target)
+        if sampling == "split":
+            hindsight, perfect = oracle_coverages(test_scores, test_errors, target)
+        else:
+            hindsight = perfect = float("nan")
         rows.append((test_risk, float(selected.mean()), rt.coverage, rt.risk_bound, hindsight, perfect))
     return np.array(rows), infeasible
 
@@ -292,9 +309,13 @@ def peer_table(logits, labels, n_draws: int, seed: int, targets=(0.1, 0.2), delt
                     log(lines[-1])
                 best_peer = max(summary[g][0] for g in GRIDS)
                 ltt_cov, ltt_viol = summary["ltt"]
+                if protocol == "population":
+                    verdict = "ok" if ltt_viol <= limit else "VIOLATED"
+                else:
+                    verdict = "realised (noisy; no verdict)"
                 verdicts.append(
                     f"| {name} | {protocol} | {target:.1f} | {ltt_cov - best_peer:+.4f} | {ltt_cov - summary['sgr'][0]:+.4f} | "
-                    f"{ltt_viol} | {'ok' if ltt_viol <= limit else 'VIOLATED'} |"
+                    f"{ltt_viol} | {verdict} |"
                 )
     return lines, verdicts
 
@@ -338,6 +359,9 @@ def main() -> int:
     for protocol, target, delta in settings:
         for method in ("sgr", "ltt"):
             rows, infeasible = simulate(logits, labels, target, delta, args.splits, args.seed, protocol, method)
+            truth, truth_infeasible = simulate(
+                logits, labels, target, delta, args.splits, args.seed + 1, protocol, method, sampling="population"
+            )
             limit = int(stats.binom.ppf(0.999, args.splits, delta))
             if rows.size:
                 violations = int(np.sum(rows[:, 0] > target))
@@ -345,12 +369,15 @@ def main() -> int:
                 q95 = float(np.quantile(rows[:, 0], 0.95))
             else:
                 violations, test_risk, test_cov, cal_cov, bound, hindsight, perfect, q95 = (0,) + (float("nan"),) * 7
+            true_violations = int(np.sum(truth[:, 0] > target)) if truth.size else 0
+            true_cov = float(truth[:, 1].mean()) if truth.size else float("nan")
             n_ok = len(rows)
-            verdict = "ok" if violations <= limit else "VIOLATED"
+            verdict = "ok" if true_violations <= limit else "VIOLATED"
             lines.append(
                 f"| {protocol} | {method} | {target:.2f} | {delta:.2f} | {n_ok} ({infeasible} infeasible) | "
-                f"{violations} ({violations / max(n_ok, 1):.1%}) | {limit} | {verdict} | {test_risk:.4f} | {q95:.4f} | "
-                f"{bound:.4f} | {test_cov:.3f} | {cal_cov:.3f} | {hindsight:.3f} | {perfect:.3f} |"
+                f"{violations} ({violations / max(n_ok, 1):.1%}) | {true_violations} ({true_violations / max(len(truth), 1):.1%}"
+                f"{f', {truth_infeasible} infeasible' if truth_infeasible else ''}) | {limit} | {verdict} | {test_risk:.4f} | "
+                f"{q95:.4f} | {bound:.4f} | {test_cov:.3f} | {true_cov:.3f} | {cal_cov:.3f} | {hindsight:.3f} | {perfect:.3f} |"
             )
             log(lines[-1])
     peer_lines, verdicts = peer_table(logits, labels, args.peer_splits, args.seed)
@@ -372,16 +399,19 @@ def main() -> int:
         "`threshold only`: T = 1, threshold on the other half (5,000). `split`: temperature fitted on a quarter, "
         "threshold on another quarter (2,500) through `SoftmaxScore.fit` / `set_risk_threshold(X=, Y=, method=)`.",
         "",
-        "Violation: the realised test selective risk exceeds the target. Limit: `binom.ppf(0.999, splits, delta)`, "
-        "the most violations expected (at the 99.9% level) if a violation had probability exactly `delta`. "
-        "Coverages are means over the splits; *hindsight* is the largest test coverage with test risk <= target for "
-        "the same score (threshold chosen with the test labels), *perfect* the coverage of an ordering that rejects "
-        "every error first.",
+        "*Realised violations*: the selective risk realised on the test half exceeds the target (a noisy estimate: "
+        "a method that spends delta exactly exceeds it far more often than delta, see the script's docstring). "
+        "*True violations*: as many calibration sets drawn with replacement from the record (the population), the "
+        "threshold's selective risk on the whole record exceeds the target; the verdict compares these with the "
+        "limit `binom.ppf(0.999, splits, delta)`, the most violations expected (at the 99.9% level) if a violation "
+        "had probability exactly `delta`. Coverages are means over the splits (*true coverage*: on the whole "
+        "record); *hindsight* is the largest test coverage with test risk <= target for the same score (threshold "
+        "chosen with the test labels), *perfect* the coverage of an ordering that rejects every error first.",
         "",
-        "| protocol | method | target risk | delta | splits (infeasible) | violations | limit | verdict | mean test risk | "
-        "95% quantile of test risk | mean bound | test coverage | calibration coverage | hindsight coverage | "
-        "perfect coverage |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| protocol | method | target risk | delta | splits (infeasible) | realised violations | true violations | "
+        "limit | verdict | mean test risk | 95% quantile of test risk | mean bound | test coverage | true coverage | "
+        "calibration coverage | hindsight coverage | perfect coverage |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *lines,
         "",
         "### Against MAPIE 1.6's Learn-then-Test with fixed-sequence testing (issue 11 item 6)",
@@ -394,8 +424,10 @@ def main() -> int:
         *peer_lines,
         "",
         f"Acceptance: LTT's coverage at least MAPIE's best fixed-sequence coverage (the better of its two grids), with "
-        f"LTT's violations within the binomial limit of a violation probability delta over {args.peer_splits} draws "
-        f"(`binom.ppf(0.999, {args.peer_splits}, 0.05)` = {peer_limit}).",
+        f"LTT's true violations (population protocol) within the binomial limit of a violation probability delta over "
+        f"{args.peer_splits} draws (`binom.ppf(0.999, {args.peer_splits}, 0.05)` = {peer_limit}). The split protocol's "
+        "violations are realised on a test half, noisy for every tight method (MAPIE's grid-1000 rows show the same "
+        "rates as LTT's), and get no verdict.",
         "",
         "| record | protocol | target | LTT - best MAPIE coverage | LTT - SGR coverage | LTT violations | verdict |",
         "|---|---|---:|---:|---:|---:|---|",
