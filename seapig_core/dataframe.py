@@ -55,7 +55,11 @@ def _row_name(df: pd.DataFrame, position: int) -> str:
 def _check_frame(df: Any, column: Any, argument: str) -> pd.Series:
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"The 'df' parameter must be a pandas DataFrame. Got {type(df).__name__} instead.")
-    if not isinstance(column, str) or column not in df.columns:
+    try:
+        present = column in df.columns
+    except TypeError:  # unhashable
+        present = False
+    if not present:
         shown = [str(c) for c in df.columns[:10]]
         raise ValueError(
             f"The '{argument}' parameter must name a column of 'df' (columns: {shown}"

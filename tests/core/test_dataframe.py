@@ -105,6 +105,10 @@ def test_boundary_score_keeps_the_index_and_other_column_names():
     assert ours.index.equals(index)
     reference = playbook_boundary_score(df, probabilities_name="probs")
     np.testing.assert_array_equal(ours.to_numpy(), reference.to_numpy())
+    numbered = pd.DataFrame({0: list(p)})  # any column label, not only strings
+    np.testing.assert_array_equal(boundary_score(numbered, probabilities_name=0).to_numpy(), reference.to_numpy())
+    with pytest.raises(ValueError, match=r"The 'probabilities_name' parameter must name a column of 'df'.*Got \['probs'\] instead"):
+        boundary_score(df, probabilities_name=["probs"])
     joined = pd.concat([df, ours], axis=1)  # the playbook's next step aligns rows
     assert len(joined) == 50 and not joined.isna().any().any()
 
