@@ -327,7 +327,10 @@ def main() -> int:
         "",
         f"15 equal-width bins, temperature {TEMPERATURE}. torchmetrics gets `logits / T` and applies the softmax "
         "itself. *before* is `seapig_core/metrics.py` at a74ae37 (float64 probabilities, a separate finiteness "
-        "pass), run in the same process. Target: torchmetrics / ours >= 1 on both inputs.",
+        "pass), run in the same process. Target: torchmetrics / ours >= 1 on both inputs. On a busy machine the "
+        "2-thread rows are dominated by scheduler stalls of the row-blocked passes' short parallel regions "
+        "(DESIGN.md, issue 10 item 4, the `core` piece; the metrics use `CanonicalLogits.block_rows()` and inherit "
+        "its fix); the 1-thread rows are the stable comparison.",
         "",
         *table1,
         "",
