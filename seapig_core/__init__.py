@@ -7,8 +7,10 @@ The library never imports Prefect; the pipeline lives in the repository's ``task
 """
 
 from seapig_core._version import __version__
+from seapig_core.dataframe import boundary_score, score_frame
 from seapig_core.extract import Extraction, extract_logits
 from seapig_core.persistence import load_score
+from seapig_core.probabilities import logits_from_probabilities
 from seapig_core.scores import (
     SCORES,
     CertaintyRatioScore,
@@ -34,7 +36,10 @@ __all__ = [
     "SoftmaxScore",
     "TemperatureFitError",
     "__version__",
+    "boundary_score",
     "extract_logits",
     "load_score",
+    "logits_from_probabilities",
     "make_score",
+    "score_frame",
 ]

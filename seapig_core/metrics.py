@@ -5,9 +5,7 @@ Two families of pure functions:
 - **Calibration** of the predictive probabilities at a temperature ``T``:
   :func:`negative_log_likelihood`, :func:`brier_score`, :func:`expected_calibration_error`,
   :func:`maximum_calibration_error` (and the per-bin statistics behind them,
-  :func:`calibration_bins`). Every task of :mod:`seapig_core.layout` is accepted; logits are
-  validated and turned into the canonical layout by :func:`seapig_core.layout.canonicalize`,
-  labels by :func:`seapig_core.layout.check_labels`.
+  :func:`calibration_bins`). Every task of :mod:`seapig_core.layout` is accepted.
 - **Selective prediction**: :func:`prediction_errors` (the 0-1 loss of the prediction) and
   :func:`risk_coverage`, the risk-coverage curve of an uncertainty score with its AURC, E-AURC
   and AUGRC, for the 0-1 loss or any per-sample loss.
@@ -16,13 +14,35 @@ Conventions shared by the whole library: a score is higher when more uncertain, 
 selected when its score is *below* the threshold, and a sample with a non-finite score is
 never selected.
 
+Validated once
+--------------
+Every function that takes ``logits`` accepts either raw logits (a tensor or array, validated
+and turned into the canonical layout by :func:`seapig_core.layout.canonicalize`, once per
+call) or an already validated :class:`seapig_core.layout.CanonicalLogits`, which is used as
+it is: not re-canonicalised and not scanned for non-finite values again. Canonicalise a
+calibration set once and pass it to every metric::
+
+    canon = canonicalize(logits, "multiclass")
+    nll = negative_log_likelihood(canon, labels, temperature=T)
+    ece = expected_calibration_error(canon, labels, temperature=T)
+
+A :class:`~seapig_core.layout.CanonicalLogits` carries its task and member layout, so
+``task`` and ``per_member`` may then be left out (given, they must match it). The calibration
+metrics need finite logits. They do not run a separate finiteness pass (``torch.isfinite``
+over every logit, which on 1M x 100 costs more than the metric): each tests the row blocks it
+reads anyway, with one sum per block (finite unless the block holds a NaN or an infinity),
+and raises the ``ValueError`` of :func:`~seapig_core.layout.canonicalize` naming the first
+bad row. So raw logits and a ``CanonicalLogits`` built with or without ``require_finite``
+behave the same. Labels are validated on every call (:func:`seapig_core.layout.check_labels`).
+
 Predictive probabilities
 ------------------------
 ``p = softmax(z / T)`` for the categorical family (multiclass, two-logit binary) and
 ``p = sigmoid(z / T)`` per unit for the bernoulli family (single-logit binary, multilabel).
 With ``per_member=True`` the member probabilities are averaged, ``p = mean_m p_m`` (the
-ensemble's predictive distribution), and the prediction is that of
-:func:`seapig_core.kernels.predict`: ``argmax_k p_k``, or ``p > 0.5`` per label.
+ensemble's predictive distribution), and the prediction is ``argmax_k p_k``, or ``p > 0.5``
+per label (:func:`seapig_core.kernels.predict`; the calibration metrics take the argmax of
+the float64 probabilities they compute, :func:`prediction_errors` calls ``predict``).
 
 Confidence and correctness (top-label calibration)
 --------------------------------------------------
@@ -34,6 +54,17 @@ For ECE and MCE each decision has a *confidence* and is *correct* or not:
 - multilabel: the same per label (confidence ``max(p_c, 1 - p_c)``, correct when
   ``1[p_c > 0.5] == y_c``); every label is a binary problem, with its own ECE. ``average=True``
   returns the unweighted mean over labels, ``average=False`` the per-label array.
+
+Precision. NLL and Brier are computed in float64. For the categorical family with one member
+(multiclass and two-logit binary, the common case) the confidence ``max_k p_k = 1 / sum_k
+exp((z_k - z_max) / T)`` is computed in row blocks in the logits' own dtype, like the scores
+(this is what makes ECE on 100 classes as fast as torchmetrics, which also works in float32).
+For float32 logits its relative error is below ``4 (K + 2) 2^-23`` (typically ``1e-7``); every
+sample whose confidence lies that close to a bin edge is recomputed in float64, so each sample
+falls in the bin of its exact confidence and the ECE differs from an all-float64 computation
+only by the float32 rounding of the confidences averaged in each bin. Float64 logits are
+computed in float64 throughout. The other layouts (bernoulli, several members) compute the
+probabilities in float64.
 
 References
 ----------
@@ -69,8 +100,7 @@ import torch.nn.functional as F
 
 from seapig_core._validation import check_bool, check_positive_int, check_temperature
 from seapig_core.kernels import predict
-from seapig_core.layout import CanonicalLogits, canonicalize, check_labels, iter_row_blocks
-from seapig_core.temperature import negative_log_likelihood as _canonical_nll
+from seapig_core.layout import CanonicalLogits, canonicalize, check_labels, check_task, iter_row_blocks
 
 __all__ = [
     "BINNINGS",
@@ -94,27 +124,66 @@ MULTILABEL_LOSSES: tuple[str, ...] = ("subset", "hamming")
 # =========================================================================== validation
 
 
-
-
-
-
-
-
 def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"The '{name}' parameter must be one of {list(choices)}. Got {value!r} instead.")
     return value
 
 
+def _canonical(logits: Any, task: Any, per_member: Any) -> CanonicalLogits:
+    """Raw logits -> the validated canonical layout; a :class:`CanonicalLogits` is used as it is.
+
+    ``task``/``per_member`` None mean "multiclass"/False for raw logits and "the
+    CanonicalLogits' own" otherwise; given with a CanonicalLogits, they must match it.
+    """
+    if isinstance(logits, CanonicalLogits):
+        if task is not None and check_task(task) != logits.task:
+            raise ValueError(
+                f"The 'task' parameter must be left out or match the task of the CanonicalLogits "
+                f"({logits.task!r}). Got {task!r} instead."
+            )
+        if per_member is not None and check_bool(per_member, "per_member") != logits.per_member:
+            raise ValueError(
+                f"The 'per_member' parameter must be left out or match the CanonicalLogits "
+                f"(per_member={logits.per_member}). Got {per_member!r} instead."
+            )
+        return logits
+    task = "multiclass" if task is None else task
+    per_member = False if per_member is None else check_bool(per_member, "per_member")
+    return canonicalize(logits, task, per_member, name="logits")
+
+
 def _prepare(
-    logits: Any, labels: Any, task: str, temperature: Any, per_member: Any, *, require_finite: bool = True
+    logits: Any, labels: Any, task: Any, temperature: Any, per_member: Any
 ) -> tuple[CanonicalLogits, torch.Tensor, float]:
-    """Validate the shared arguments: canonical logits, canonical labels, temperature."""
+    """Validate the shared arguments once: canonical logits, canonical labels, temperature.
+
+    Raw logits are canonicalised without the finiteness pass: the metrics that need finite
+    logits test the blocks they read (:func:`_check_finite_block`).
+    """
     T = check_temperature(temperature)
-    per_member = check_bool(per_member, "per_member")
-    canon = canonicalize(logits, task, per_member, name="logits", require_finite=require_finite)
+    canon = _canonical(logits, task, per_member)
     y = check_labels(labels, canon, name="labels")
     return canon, y, T
+
+
+def _check_finite_block(block: torch.Tensor, canon: CanonicalLogits) -> None:
+    """Raise if the CPU ``block`` (rows of ``canon``) holds a NaN or an infinity.
+
+    The sum of a block is finite unless it holds a non-finite value (or overflows), so one
+    reduction clears a block in the usual case; only then is the exact test run. On failure
+    the whole input is scanned once to name the count and the first bad row, in the words of
+    :func:`seapig_core.layout.canonicalize`.
+    """
+    if math.isfinite(float(block.sum())) or bool(torch.isfinite(block).all()):
+        return
+    finite = canon.finite_rows().to("cpu")
+    bad = int((~finite).sum())
+    first = int(torch.nonzero(~finite)[0, 0])
+    raise ValueError(
+        f"The 'logits' parameter must contain only finite values. "
+        f"Got {bad} sample(s) with NaN or infinite logits (first at row {first}) instead."
+    )
 
 
 def _as_1d_float(values: Any, name: str) -> np.ndarray:
@@ -150,6 +219,14 @@ def _score_dtype(scores: Any) -> np.dtype:
 # =========================================================================== probabilities
 
 
+def _float64_rows(canon: CanonicalLogits, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of the canonical values as a float64 CPU tensor ``(B, K, M)``.
+
+    A view of the caller's data when it already is float64 on the CPU: never modify in place.
+    """
+    return canon.values[start:stop].to(device="cpu", dtype=torch.float64)
+
+
 def _prob_blocks(canon: CanonicalLogits, T: float):
     """Yield ``(start, stop, p)``: float64 member-averaged probabilities ``(B, K)`` of a row block.
 
@@ -157,24 +234,109 @@ def _prob_blocks(canon: CanonicalLogits, T: float):
     (single-logit binary: ``K = 1``, the probability of class 1).
     """
     block_rows = max(64, canon.block_rows() // 2)  # float64 doubles the bytes per row
+    single = canon.n_members == 1
     for start, stop in iter_row_blocks(canon.n_samples, block_rows):
-        z = canon.values[start:stop].to(device="cpu", dtype=torch.float64) / T  # (B, K, M)
+        z = _float64_rows(canon, start, stop)
+        _check_finite_block(z, canon)
+        z = z[:, :, 0] / T if single else z / T  # (B, K) or (B, K, M)
         p = z.softmax(dim=1) if canon.family == "categorical" else torch.sigmoid(z)
-        yield start, stop, p.mean(dim=2)
+        yield start, stop, (p if single else p.mean(dim=2))
 
 
-def _confidence_correct(canon: CanonicalLogits, y: torch.Tensor, T: float) -> tuple[np.ndarray, np.ndarray]:
-    """Top-label confidence and correctness, ``(N, L)`` float64 each (L = 1, or K for multilabel)."""
-    pred = predict(canon, T).to("cpu")
+def _categorical_top_label(canon: CanonicalLogits, y: torch.Tensor, T: float) -> tuple[np.ndarray, np.ndarray]:
+    """Confidence ``max_k softmax(z / T)_k`` and correctness of ``argmax_k z_k``, one member.
+
+    One pass over row blocks in the logits' dtype: ``z_max``, the count of maxima (so that a
+    tied maximum is resolved like ``argmax``: first index), ``1 / sum exp((z - z_max) / T)``.
+    Returns float64 numpy arrays ``(N,)``. Raises for non-finite logits.
+    """
+    n, k = canon.n_samples, canon.n_units
+    beta = 1.0 / T
+    conf = torch.empty(n, dtype=canon.values.dtype)
+    correct = torch.empty(n, dtype=torch.bool)
+    block_rows = canon.block_rows()
+    scratch = torch.empty((min(block_rows, n), k), dtype=canon.values.dtype)
+    for start, stop in iter_row_blocks(n, block_rows):
+        z = canon.values[start:stop, :, 0].to("cpu")
+        _check_finite_block(z, canon)
+        buf = scratch[: stop - start]
+        z_max = z.amax(dim=1, keepdim=True)
+        n_max = torch.eq(z, z_max, out=buf).sum(dim=1)  # 1.0 where z equals the row max
+        shifted = torch.sub(z, z_max, out=buf)
+        if beta != 1.0:
+            shifted.mul_(beta)
+        conf[start:stop] = shifted.exp_().sum(dim=1).reciprocal_()
+        yb = y[start:stop]
+        label_is_max = z.gather(1, yb.view(-1, 1))[:, 0] == z_max[:, 0]
+        ok = label_is_max & (n_max == 1)
+        tied = torch.nonzero(label_is_max & (n_max > 1))[:, 0]
+        if tied.numel():  # a repeated maximum: the prediction is the first maximal index
+            ok[tied] = z[tied].argmax(dim=1) == yb[tied]
+        correct[start:stop] = ok
+    return conf.to(torch.float64).numpy(), correct.to(torch.float64).numpy()
+
+
+def _exact_confidence(canon: CanonicalLogits, rows: np.ndarray, T: float) -> np.ndarray:
+    """``max_k softmax(z / T)_k`` of the given rows (one member), in float64."""
+    z = canon.values[torch.from_numpy(rows), :, 0].to(device="cpu", dtype=torch.float64)
+    z_max = z.amax(dim=1, keepdim=True)
+    return (z - z_max).mul_(1.0 / T).exp_().sum(dim=1).reciprocal_().numpy()
+
+
+def _refine_near_edges(conf: np.ndarray, canon: CanonicalLogits, T: float, n_bins: int, binning: str) -> None:
+    """Recompute in float64, in place, the confidences within rounding of a bin edge.
+
+    ``conf`` came from :func:`_categorical_top_label` in a dtype below float64; its relative
+    error is below ``(K + 2) eps`` (``exp`` and the row sum each add at most a few ``eps``;
+    the bound keeps a factor 4 of margin). A sample farther from every edge than that is in the
+    bin of its exact confidence. Equal-mass edges are themselves sample confidences: the edges
+    are recomputed after each refinement until no unrefined sample is near one (refinement
+    only moves an edge by less than the tolerance, so this ends after one or two rounds).
+    """
+    tol = 4.0 * (canon.n_units + 2) * float(torch.finfo(canon.values.dtype).eps)
+    refined = np.zeros(conf.size, dtype=bool)
+    while True:
+        inner = _bin_edges(conf, n_bins, binning)[1:-1]
+        if inner.size == 0:
+            return
+        position = np.searchsorted(inner, conf)
+        below = inner[np.clip(position - 1, 0, inner.size - 1)]
+        above = inner[np.clip(position, 0, inner.size - 1)]
+        near = (np.abs(conf - below) <= tol * below) | (np.abs(conf - above) <= tol * above)
+        near &= ~refined
+        if not near.any():
+            return
+        rows = np.flatnonzero(near)
+        conf[rows] = _exact_confidence(canon, rows, T)
+        refined[rows] = True
+        if binning == "width":
+            return
+
+
+def _confidence_correct(
+    canon: CanonicalLogits, y: torch.Tensor, T: float, n_bins: int, binning: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-label confidence and correctness, ``(N, L)`` float64 each (L = 1, or K for multilabel).
+
+    ``n_bins`` and ``binning`` say where the bin edges are, near which a float32 confidence is
+    recomputed in float64 (see the module docstring).
+    """
+    if canon.family == "categorical" and canon.n_members == 1:
+        conf, correct = _categorical_top_label(canon, y, T)
+        if canon.values.dtype != torch.float64:
+            _refine_near_edges(conf, canon, T, n_bins, binning)
+        return conf.reshape(-1, 1), correct.reshape(-1, 1)
+
     multilabel = canon.family == "bernoulli" and not canon.single_logit
     n_cols = canon.n_units if multilabel else 1
     conf = np.empty((canon.n_samples, n_cols))
     correct = np.empty((canon.n_samples, n_cols))
     for start, stop, p in _prob_blocks(canon, T):
         if canon.family == "categorical":
-            pb = pred[start:stop]
-            conf[start:stop, 0] = p.gather(1, pb.view(-1, 1))[:, 0].numpy()
-            correct[start:stop, 0] = (pb == y[start:stop]).numpy()
+            # Several members: the argmax of the float64 member-averaged probabilities.
+            top, pred = p.max(dim=1)
+            conf[start:stop, 0] = top.numpy()
+            correct[start:stop, 0] = (pred == y[start:stop]).numpy()
         else:
             # p > 0.5 predicts 1 (as kernels.predict); confidence max(p, 1 - p).
             conf[start:stop] = torch.maximum(p, 1.0 - p).numpy()
@@ -189,14 +351,14 @@ def _confidence_correct(canon: CanonicalLogits, y: torch.Tensor, T: float) -> tu
 def negative_log_likelihood(
     logits: Any,
     labels: Any,
-    task: str = "multiclass",
+    task: str | None = None,
     temperature: float = 1.0,
-    per_member: bool = False,
+    per_member: bool | None = None,
 ) -> float:
     """Mean negative log-likelihood of the labels, in nats per sample.
 
     ``NLL = -(1/N) sum_n log p(y_n | x_n)`` with the predictive distribution at temperature
-    ``T`` (see the module docstring):
+    ``T`` (see the module docstring), computed in float64:
 
     - categorical: ``-log softmax(z_n / T)_{y_n}`` (cross-entropy);
     - single-logit binary: ``-[y log sigmoid(z/T) + (1 - y) log sigmoid(-z/T)]``;
@@ -210,15 +372,19 @@ def negative_log_likelihood(
 
     Parameters
     ----------
-    logits : torch.Tensor or numpy.ndarray
-        Finite logits shaped for ``task`` (see :mod:`seapig_core.layout`).
+    logits : torch.Tensor, numpy.ndarray or CanonicalLogits
+        Finite logits shaped for ``task`` (see :mod:`seapig_core.layout`), or an already
+        validated :class:`~seapig_core.layout.CanonicalLogits` (used as it is; see the module
+        docstring).
     labels : torch.Tensor or numpy.ndarray
         ``(N,)`` class indices, or ``(N, C)`` 0/1 targets for multilabel.
-    task : {"multiclass", "binary", "multilabel"}
+    task : {"multiclass", "binary", "multilabel"} or None, default None
+        None: "multiclass" for raw logits, the CanonicalLogits' own task otherwise.
     temperature : float, default 1.0
         ``T > 0``; logits are divided by it.
-    per_member : bool, default False
-        Logits carry a trailing member axis.
+    per_member : bool or None, default None
+        Logits carry a trailing member axis. None: False for raw logits, the CanonicalLogits'
+        own layout otherwise.
 
     Returns
     -------
@@ -230,32 +396,37 @@ def negative_log_likelihood(
         For invalid logits, labels, task, temperature or ``per_member``.
     """
     canon, y, T = _prepare(logits, labels, task, temperature, per_member)
-    if canon.n_members == 1:
-        return float(_canonical_nll(canon, y, T))
-    total = 0.0
+    beta = 1.0 / T
     m = canon.n_members
-    block_rows = max(64, canon.block_rows() // 2)
+    losses = torch.empty(canon.n_samples, dtype=torch.float64)
+    block_rows = max(64, canon.block_rows() // 2)  # float64 doubles the bytes per row
     for start, stop in iter_row_blocks(canon.n_samples, block_rows):
-        z = canon.values[start:stop].to(device="cpu", dtype=torch.float64) / T  # (B, K, M)
+        z = _float64_rows(canon, start, stop)
+        _check_finite_block(z, canon)
+        z = z * beta  # (B, K, M); a new tensor, never the caller's
         yb = y[start:stop]
-        if canon.family == "categorical":
+        if canon.family == "categorical" and m == 1:
+            z2 = z[:, :, 0]
+            loss = torch.logsumexp(z2, dim=1) - z2.gather(1, yb.view(-1, 1))[:, 0]
+        elif canon.family == "categorical":
             log_p = z.log_softmax(dim=1)  # (B, K, M)
             log_py = log_p.gather(1, yb.view(-1, 1, 1).expand(-1, 1, m))[:, 0, :]  # (B, M)
-            total -= float((torch.logsumexp(log_py, dim=1) - math.log(m)).sum())
+            loss = math.log(m) - torch.logsumexp(log_py, dim=1)
         else:
             # log p(y_c) = logsigmoid(+-z): +z for y = 1, -z for y = 0; per label, then summed.
             signed = torch.where(yb.unsqueeze(-1) > 0.5, z, -z)
-            log_pc = torch.logsumexp(F.logsigmoid(signed), dim=2) - math.log(m)  # (B, K)
-            total -= float(log_pc.sum())
-    return total / canon.n_samples
+            log_pc = F.logsigmoid(signed)[:, :, 0] if m == 1 else torch.logsumexp(F.logsigmoid(signed), dim=2) - math.log(m)
+            loss = -log_pc.sum(dim=1)
+        losses[start:stop] = loss
+    return float(losses.sum()) / canon.n_samples
 
 
 def brier_score(
     logits: Any,
     labels: Any,
-    task: str = "multiclass",
+    task: str | None = None,
     temperature: float = 1.0,
-    per_member: bool = False,
+    per_member: bool | None = None,
     average: bool = True,
 ) -> float | np.ndarray:
     """Brier score (mean squared error of the predicted probabilities).
@@ -267,10 +438,12 @@ def brier_score(
     - multilabel: the binary Brier score of each label; their mean when ``average=True``,
       else the ``(C,)`` per-label array.
 
+    Computed in float64.
+
     Parameters
     ----------
     logits, labels, task, temperature, per_member
-        As in :func:`negative_log_likelihood`.
+        As in :func:`negative_log_likelihood` (raw logits or a CanonicalLogits).
     average : bool, default True
         Multilabel only: average the per-label scores (ignored for the other tasks).
 
@@ -282,7 +455,7 @@ def brier_score(
     average = check_bool(average, "average")
     multilabel = canon.family == "bernoulli" and not canon.single_logit
     two_logit_binary = canon.family == "categorical" and canon.task == "binary"
-    totals = np.zeros(canon.n_units if multilabel else 1)
+    per_sample = torch.empty((canon.n_samples, canon.n_units if multilabel else 1), dtype=torch.float64)
     for start, stop, p in _prob_blocks(canon, T):
         yb = y[start:stop]
         if two_logit_binary:
@@ -292,8 +465,8 @@ def brier_score(
             sq = (p - onehot).square().sum(dim=1, keepdim=True)
         else:
             sq = (p - yb).square()
-        totals += sq.sum(dim=0).numpy()
-    per_column = totals / canon.n_samples
+        per_sample[start:stop] = sq
+    per_column = per_sample.sum(dim=0).numpy() / canon.n_samples
     if multilabel and not average:
         return per_column
     return float(per_column.mean())
@@ -370,9 +543,9 @@ def _binned(conf: np.ndarray, correct: np.ndarray, n_bins: int, binning: str) ->
 def calibration_bins(
     logits: Any,
     labels: Any,
-    task: str = "multiclass",
+    task: str | None = None,
     temperature: float = 1.0,
-    per_member: bool = False,
+    per_member: bool | None = None,
     n_bins: int = 15,
     binning: str = "width",
     pooled: bool = True,
@@ -382,7 +555,7 @@ def calibration_bins(
     Parameters
     ----------
     logits, labels, task, temperature, per_member
-        As in :func:`negative_log_likelihood`.
+        As in :func:`negative_log_likelihood` (raw logits or a CanonicalLogits).
     n_bins : int, default 15
         Number of bins ``B``.
     binning : {"width", "mass"}, default "width"
@@ -401,7 +574,7 @@ def calibration_bins(
     n_bins = check_positive_int(n_bins, "n_bins")
     binning = _check_choice(binning, "binning", BINNINGS)
     pooled = check_bool(pooled, "pooled")
-    conf, correct = _confidence_correct(canon, y, T)
+    conf, correct = _confidence_correct(canon, y, T, n_bins, binning)
     if conf.shape[1] == 1 or pooled:
         return _binned(conf.reshape(-1), correct.reshape(-1), n_bins, binning)
     return [_binned(conf[:, c], correct[:, c], n_bins, binning) for c in range(conf.shape[1])]
@@ -412,7 +585,7 @@ def _calibration_error(kind: str, logits, labels, task, temperature, per_member,
     n_bins = check_positive_int(n_bins, "n_bins")
     binning = _check_choice(binning, "binning", BINNINGS)
     average = check_bool(average, "average")
-    conf, correct = _confidence_correct(canon, y, T)
+    conf, correct = _confidence_correct(canon, y, T, n_bins, binning)
     values = np.array(
         [getattr(_binned(conf[:, c], correct[:, c], n_bins, binning), kind) for c in range(conf.shape[1])]
     )
@@ -424,9 +597,9 @@ def _calibration_error(kind: str, logits, labels, task, temperature, per_member,
 def expected_calibration_error(
     logits: Any,
     labels: Any,
-    task: str = "multiclass",
+    task: str | None = None,
     temperature: float = 1.0,
-    per_member: bool = False,
+    per_member: bool | None = None,
     n_bins: int = 15,
     binning: str = "width",
     average: bool = True,
@@ -439,12 +612,12 @@ def expected_calibration_error(
     ``(e_b, e_{b+1}]`` (the first also holds ``e_0``); empty bins contribute nothing.
 
     Confidence and correctness are defined in the module docstring (top-label; per label for
-    multilabel).
+    multilabel), which also says in which precision they are computed.
 
     Parameters
     ----------
     logits, labels, task, temperature, per_member
-        As in :func:`negative_log_likelihood`.
+        As in :func:`negative_log_likelihood` (raw logits or a CanonicalLogits).
     n_bins : int, default 15
         Number of bins (15 as in Guo et al. 2017).
     binning : {"width", "mass"}, default "width"
@@ -470,9 +643,9 @@ def expected_calibration_error(
 def maximum_calibration_error(
     logits: Any,
     labels: Any,
-    task: str = "multiclass",
+    task: str | None = None,
     temperature: float = 1.0,
-    per_member: bool = False,
+    per_member: bool | None = None,
     n_bins: int = 15,
     binning: str = "width",
     average: bool = True,
@@ -497,9 +670,9 @@ def maximum_calibration_error(
 def prediction_errors(
     logits: Any,
     labels: Any,
-    task: str = "multiclass",
+    task: str | None = None,
     temperature: float = 1.0,
-    per_member: bool = False,
+    per_member: bool | None = None,
     multilabel_loss: str = "subset",
 ) -> np.ndarray:
     """Per-sample 0-1 loss of the prediction, the default loss of :func:`risk_coverage`.
@@ -516,7 +689,8 @@ def prediction_errors(
     Parameters
     ----------
     logits, labels, task, temperature, per_member
-        As in :func:`negative_log_likelihood`, except that non-finite logits are allowed.
+        As in :func:`negative_log_likelihood` (raw logits or a CanonicalLogits), except that
+        non-finite logits are allowed.
     multilabel_loss : {"subset", "hamming"}, default "subset"
         Multilabel only (ignored for the other tasks).
 
@@ -526,7 +700,7 @@ def prediction_errors(
         ``(N,)`` float64 losses; NaN for a sample with a non-finite logit (it has no
         prediction; its score is NaN too, so it is never selected).
     """
-    canon, y, T = _prepare(logits, labels, task, temperature, per_member, require_finite=False)
+    canon, y, T = _prepare(logits, labels, task, temperature, per_member)
     multilabel_loss = _check_choice(multilabel_loss, "multilabel_loss", MULTILABEL_LOSSES)
     pred = predict(canon, T).to("cpu")
     if canon.family == "categorical":

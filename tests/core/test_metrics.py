@@ -600,3 +600,175 @@ def test_risk_coverage_bad_input():
         rc.coverage_at(-0.1)
     with pytest.raises(TypeError, match=r"The 'risk' parameter must be a real number or array\. Got NoneType instead"):
         rc.coverage_at(None)
+
+
+# =========================================================================== validated once (issue 10 item 1)
+
+
+def _layouts():
+    """(name, logits, labels, task, per_member) for every canonical layout."""
+    rng = np.random.default_rng(21)
+    z, y = _multiclass(n=6000, k=100, seed=3)  # 100 classes: several row blocks
+    zl, yl = _multilabel(n=400, c=4)
+    a = 2 * rng.standard_normal(300)
+    yb = (rng.random(300) < expit(a)).astype(int)
+    zm = 2 * rng.standard_normal((300, 5, 3))
+    ym = rng.integers(0, 5, 300)
+    return [
+        ("multiclass float32", z.astype(np.float32), y, "multiclass", False),
+        ("multiclass float64", z, y, "multiclass", False),
+        ("binary one logit", a, yb, "binary", False),
+        ("binary two logits", np.stack([np.zeros_like(a), a], axis=1), yb, "binary", False),
+        ("multilabel", zl, yl, "multilabel", False),
+        ("per member", zm, ym, "multiclass", True),
+    ]
+
+
+CALIBRATION_METRICS = [
+    M.negative_log_likelihood,
+    M.brier_score,
+    M.expected_calibration_error,
+    M.maximum_calibration_error,
+]
+
+
+@pytest.mark.parametrize("layout", _layouts(), ids=lambda case: case[0])
+def test_canonical_logits_give_identical_results_without_revalidation(layout, monkeypatch):
+    """Acceptance (10.1, calibration side): raw logits are canonicalised once per call; a
+    CanonicalLogits is not canonicalised or scanned for non-finite values again, and gives
+    identical results. No metric runs a finiteness pass over the logits: torch.isfinite runs
+    at most once per call (check_labels on the labels), whatever the number of row blocks."""
+    _, z, y, task, per_member = layout
+    canon = canonicalize(z, task, per_member, require_finite=True)
+    calls = {"canonicalize": 0, "isfinite": 0, "finite_rows": 0}
+    real_canonicalize, real_isfinite, real_finite_rows = M.canonicalize, torch.isfinite, type(canon).finite_rows
+
+    def counting_canonicalize(*args, **kwargs):
+        calls["canonicalize"] += 1
+        return real_canonicalize(*args, **kwargs)
+
+    def counting_isfinite(*args, **kwargs):
+        calls["isfinite"] += 1
+        return real_isfinite(*args, **kwargs)
+
+    def counting_finite_rows(self):
+        calls["finite_rows"] += 1
+        return real_finite_rows(self)
+
+    monkeypatch.setattr(M, "canonicalize", counting_canonicalize)
+    monkeypatch.setattr(torch, "isfinite", counting_isfinite)
+    monkeypatch.setattr(type(canon), "finite_rows", counting_finite_rows)
+    kwargs = dict(temperature=1.7)
+    for fn in CALIBRATION_METRICS:
+        calls.update(canonicalize=0, isfinite=0, finite_rows=0)
+        raw = fn(z, y, task=task, per_member=per_member, **kwargs)
+        assert calls == {"canonicalize": 1, "isfinite": calls["isfinite"], "finite_rows": 0}, fn.__name__
+        assert calls["isfinite"] <= 1, fn.__name__
+        calls.update(canonicalize=0, isfinite=0, finite_rows=0)
+        from_canon = fn(canon, y, **kwargs)
+        assert calls["canonicalize"] == 0 and calls["finite_rows"] == 0 and calls["isfinite"] <= 1, fn.__name__
+        np.testing.assert_array_equal(np.asarray(from_canon), np.asarray(raw), err_msg=fn.__name__)
+        # The task and layout may be restated, if they match.
+        np.testing.assert_array_equal(np.asarray(fn(canon, y, task=task, per_member=per_member, **kwargs)), np.asarray(raw))
+    raw_bins = M.calibration_bins(z, y, task=task, per_member=per_member, **kwargs)
+    canon_bins = M.calibration_bins(canon, y, **kwargs)
+    np.testing.assert_array_equal(raw_bins.counts, canon_bins.counts)
+    np.testing.assert_array_equal(raw_bins.confidence, canon_bins.confidence)
+    calls.update(canonicalize=0)
+    np.testing.assert_array_equal(M.prediction_errors(canon, y, **kwargs), M.prediction_errors(z, y, task=task, per_member=per_member, **kwargs))
+    assert calls["canonicalize"] == 1  # the raw call only
+
+
+def test_canonical_logits_task_or_layout_mismatch_is_an_error():
+    z, y = _multiclass(n=50, k=3)
+    canon = canonicalize(z, "multiclass")
+    with pytest.raises(ValueError, match=r"The 'task' parameter must be left out or match the task of the CanonicalLogits \('multiclass'\)\. Got 'multilabel' instead"):
+        M.expected_calibration_error(canon, y, task="multilabel")
+    with pytest.raises(ValueError, match=r"The 'per_member' parameter must be left out or match the CanonicalLogits \(per_member=False\)\. Got True instead"):
+        M.negative_log_likelihood(canon, y, per_member=True)
+    with pytest.raises(ValueError, match=r"The 'task' parameter must be one of"):
+        M.brier_score(canon, y, task="regression")
+    with pytest.raises(ValueError, match=r"The 'labels' parameter must have one entry per sample \(50\)"):
+        M.expected_calibration_error(canon, y[:-1])
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("layout", _layouts(), ids=lambda case: case[0])
+def test_non_finite_logits_raise_from_raw_and_canonical_input(layout, bad_value):
+    """Without a separate finiteness pass, a NaN or infinite logit still raises, naming the
+    count and first row, also for a CanonicalLogits built without require_finite."""
+    _, z, y, task, per_member = layout
+    z = np.array(z, copy=True)
+    z.reshape(len(z), -1)[[7, 200], 0] = bad_value
+    canon = canonicalize(z, task, per_member)  # require_finite=False: not checked here
+    for fn in [*CALIBRATION_METRICS, M.calibration_bins]:
+        for logits, kwargs in ((z, dict(task=task, per_member=per_member)), (canon, {})):
+            with pytest.raises(ValueError, match=r"The 'logits' parameter must contain only finite values\. Got 2 sample\(s\) with NaN or infinite logits \(first at row 7\) instead"):
+                fn(logits, y, **kwargs)
+    errors = M.prediction_errors(canon, y)  # allowed here: no prediction, NaN loss
+    assert np.isnan(errors[[7, 200]]).all()
+
+
+def test_metrics_never_modify_the_callers_logits():
+    for _, z, y, task, per_member in _layouts():
+        before = np.array(z, copy=True)
+        for fn in [*CALIBRATION_METRICS, M.calibration_bins, M.prediction_errors]:
+            fn(z, y, task=task, per_member=per_member, temperature=0.3)
+            fn(torch.from_numpy(z), y, task=task, per_member=per_member, temperature=3.0)
+        np.testing.assert_array_equal(z, before)
+
+
+# =========================================================================== ECE precision (issue 10 item 6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(2, 400),
+    st.floats(0.05, 30.0),
+    st.sampled_from([0.01, 0.3, 1.0, 2.5, 100.0]),
+    st.integers(0, 2**31 - 1),
+)
+def test_float32_confidence_error_is_within_the_refinement_bound(k, scale, temperature, seed):
+    """The float32 confidence of the fast path is within (K + 2) eps32 (relative) of the exact
+    float64 confidence of the same float32 logits; the refinement uses 4x this bound."""
+    rng = np.random.default_rng(seed)
+    z = (scale * rng.standard_normal((300, k))).astype(np.float32)
+    z[:50, 1] = z[:50, 0]  # tied maxima
+    y = rng.integers(0, k, 300)
+    canon = canonicalize(z)
+    conf32, correct = M._categorical_top_label(canon, torch.from_numpy(y), temperature)
+    exact = softmax(z.astype(np.float64) / temperature, axis=1).max(axis=1)
+    bound = (k + 2) * np.finfo(np.float32).eps
+    assert np.all(np.abs(conf32 - exact) <= bound * exact)
+    np.testing.assert_array_equal(correct, z.argmax(axis=1) == y)  # argmax: first maximal index
+
+
+def _near_edge_logits(n, k, targets, seed):
+    """float32 logits whose exact (float64) top-label confidence lies within ~1e-7 of ``targets``."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, k))
+    z[:, 0] = -np.inf
+    rest = np.log(np.exp(z[:, 1:]).sum(axis=1))
+    c = rng.choice(targets, n)
+    z[:, 0] = rest - np.log(1.0 / c - 1.0)  # softmax(z)_0 = c exactly in real arithmetic
+    return z.astype(np.float32), rng.integers(0, k, n)
+
+
+@pytest.mark.parametrize("binning", ["width", "mass"])
+def test_float32_confidences_near_bin_edges_fall_in_their_exact_bins(binning):
+    """Acceptance (10.6, exactness kept): confidences computed in float32 land in the bin of
+    their exact value, so bin counts equal those of the float64 computation of the same logits
+    and the ECE differs by float32 rounding only."""
+    edges = np.linspace(0, 1, 16)[2:-1]
+    z32, y = _near_edge_logits(20_000, 10, edges if binning == "width" else [0.6], seed=5)
+    z64 = z32.astype(np.float64)
+    for T in (1.0, 1.3):
+        fast = M.calibration_bins(z32, y, temperature=T, binning=binning)
+        exact = M.calibration_bins(z64, y, temperature=T, binning=binning)
+        np.testing.assert_array_equal(fast.counts, exact.counts)
+        np.testing.assert_array_equal(fast.accuracy, exact.accuracy)
+        np.testing.assert_allclose(fast.edges, exact.edges, rtol=1e-6)
+        np.testing.assert_allclose(fast.confidence, exact.confidence, rtol=1e-6)
+        assert M.expected_calibration_error(z32, y, temperature=T, binning=binning) == pytest.approx(
+            M.expected_calibration_error(z64, y, temperature=T, binning=binning), abs=1e-6
+        )

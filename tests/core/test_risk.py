@@ -1,5 +1,6 @@
-"""Guaranteed-risk thresholds (SGR), the split protocol on the score classes, and the guarantee
-checked by simulation on the shared CIFAR-100 record (acceptance 2 of issue 5)."""
+"""Guaranteed-risk thresholds (SGR and Learn-then-Test), the split protocol on the score classes,
+and the guarantee checked by simulation on the shared CIFAR-100 record (acceptance 2 of issue 5;
+issue 11 item 6)."""
 
 from __future__ import annotations
 
@@ -63,7 +64,63 @@ def test_binomial_upper_bound_edge_cases_and_arrays():
 # =========================================================================== SGR
 
 
-def _check_invariants(rt, scores, errors, target, delta):
+def _candidates(scores, errors):
+    """Distinct finite scores ascending, with the count selected and the errors among them."""
+    scores = np.asarray(scores, dtype=np.float64)
+    finite = np.isfinite(scores)
+    s, e = scores[finite], np.asarray(errors, dtype=np.float64)[finite]
+    values = np.unique(s)
+    n = np.array([np.count_nonzero(s <= v) for v in values])
+    k = np.array([e[s <= v].sum() for v in values])
+    return values, n, k
+
+
+def reference_sgr(scores, errors, target, delta):
+    """The documented SGR, written out: plain binary search over the candidates selecting at
+    least the count at which an error-free selection passes. Returns the candidate index or None."""
+    values, n, k = _candidates(scores, errors)
+    m = values.size
+    level = delta / math.ceil(math.log2(m + 1))
+    need = next(c for c in range(1, 10**7) if 1 - level ** (1 / c) <= target)
+    lo, hi = int(np.searchsorted(n, need)) - 1, m
+    first, best = lo + 1, None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if binomial_upper_bound(int(k[mid]), int(n[mid]), level) <= target:
+            best = lo = mid
+        else:
+            hi = mid
+    return None if best is None or best < first else best
+
+
+def reference_ltt(scores, errors, target, delta):
+    """The documented LTT, written out as Wiens's fallback procedure with the documented weights
+    at the documented starts (counts found by scanning their definitions). Returns
+    (index, level of the accepting test) or None."""
+    values, n, k = _candidates(scores, errors)
+    count_a = next(c for c in range(1, 10**7) if 1 - (delta / 2) ** (1 / c) <= target)
+    counts = np.arange(1, 40001)
+    passes = binomial_upper_bound(np.floor(counts * target / 2), counts, delta / 4) <= target
+    count_b = next(int(c) for c in counts[:20000] if passes[c - 1 : 2 * c].all())
+    restarts = [count_b * 2**j for j in range(1, 40) if count_b * 2**j <= n[-1]]
+    starts = [(count_a, delta / 2), (count_b, delta / 4 if restarts else delta / 2)]
+    starts += [(c, delta / 4 / len(restarts)) for c in restarts]
+    weights = np.zeros(values.size)
+    for count, weight in starts:
+        j = int(np.searchsorted(n, count))
+        if j < values.size:
+            weights[j] += weight
+    level, best = 0.0, None
+    for j in range(values.size):
+        level += weights[j]
+        if level > 0 and stats.binom.cdf(k[j], n[j], target) <= level:
+            best = (j, level)
+        else:
+            level = 0.0
+    return best
+
+
+def _check_invariants(rt, scores, errors, target, delta, method="sgr"):
     scores = np.asarray(scores, dtype=np.float64)
     selected = scores < rt.threshold
     finite = np.isfinite(scores)
@@ -75,22 +132,28 @@ def _check_invariants(rt, scores, errors, target, delta):
     assert rt.coverage == pytest.approx(n / scores.size)
     assert rt.empirical_risk == pytest.approx(k / n)
     m = np.unique(scores[finite]).size
-    assert rt.n_tests == math.ceil(math.log2(m + 1))
-    assert rt.risk_bound == pytest.approx(binomial_upper_bound(k, n, delta / rt.n_tests), abs=1e-12)
     assert rt.empirical_risk <= rt.risk_bound <= target
-    assert (rt.target_risk, rt.delta, rt.method) == (target, delta, "sgr")
-    # The search ends next to a failing candidate: the next tie group's bound exceeds the target.
-    above = np.unique(scores[finite & ~selected])
-    if above.size:
-        nxt = scores <= above[0]
-        assert binomial_upper_bound(int(errors[nxt].sum()), int(nxt.sum()), delta / rt.n_tests) > target
+    assert (rt.target_risk, rt.delta, rt.method) == (target, delta, method)
+    # The result is the documented algorithm's, written out independently.
+    values = np.unique(scores[finite])
+    chosen = int(np.searchsorted(values, scores[selected].max()))
+    if method == "sgr":
+        assert rt.n_tests == math.ceil(math.log2(m + 1))
+        assert rt.risk_bound == pytest.approx(binomial_upper_bound(k, n, delta / rt.n_tests), abs=1e-12)
+        assert reference_sgr(scores, errors, target, delta) == chosen
+    else:
+        index, level = reference_ltt(scores, errors, target, delta)
+        assert index == chosen
+        assert rt.n_tests == math.ceil(delta / level - 1e-9)
+        assert rt.risk_bound == pytest.approx(binomial_upper_bound(k, n, level), abs=1e-12)
 
 
+@pytest.mark.parametrize("method", ["sgr", "ltt"])
 @pytest.mark.parametrize(("target", "delta"), [(0.05, 0.05), (0.1, 0.05), (0.2, 0.01), (0.3, 0.5)])
-def test_sgr_invariants(target, delta):
+def test_invariants(target, delta, method):
     scores, errors = _data()
-    rt = guaranteed_risk_threshold(scores, errors, target, delta)
-    _check_invariants(rt, scores, errors, target, delta)
+    rt = guaranteed_risk_threshold(scores, errors, target, delta, method=method)
+    _check_invariants(rt, scores, errors, target, delta, method)
 
 
 @settings(max_examples=80, deadline=None)
@@ -101,19 +164,21 @@ def test_sgr_invariants(target, delta):
     st.floats(0.01, 0.5),
     st.integers(0, 2**31 - 1),
 )
-def test_sgr_properties(n, n_levels, target, delta, seed):
+def test_properties_and_the_documented_algorithms(n, n_levels, target, delta, seed):
     rng = np.random.default_rng(seed)
     scores = rng.integers(0, n_levels, n).astype(float)  # many ties
     scores[rng.random(n) < 0.05] = np.nan
     errors = (rng.random(n) < 0.5 * scores / n_levels).astype(float)
     if not np.isfinite(scores).any():
         return
-    try:
-        rt = guaranteed_risk_threshold(scores, errors, target, delta)
-    except ValueError as exc:
-        assert "infeasible" in str(exc)
-        return
-    _check_invariants(rt, scores, errors, target, delta)
+    for method, reference in (("sgr", reference_sgr), ("ltt", reference_ltt)):
+        try:
+            rt = guaranteed_risk_threshold(scores, errors, target, delta, method=method)
+        except ValueError as exc:
+            assert "infeasible" in str(exc)
+            assert reference(scores, errors, target, delta) is None
+            continue
+        _check_invariants(rt, scores, errors, target, delta, method)
 
 
 def test_sgr_error_free_data_selects_everything_when_the_bound_allows():
@@ -147,6 +212,66 @@ def test_sgr_infeasible():
         guaranteed_risk_threshold(np.arange(100.0), np.ones(100), 0.5)
 
 
+def _plain_binary_search(scores, errors, target, delta):
+    """SGR as it was before the fix: binary search over every candidate."""
+    values, n, k = _candidates(scores, errors)
+    level = delta / math.ceil(math.log2(values.size + 1))
+    lo, hi = -1, values.size
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if binomial_upper_bound(int(k[mid]), int(n[mid]), level) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return None if lo < 0 else lo
+
+
+def test_sgr_no_longer_steps_past_a_feasible_window():
+    """Issue 11.6: the bound is wide at small coverage and high at large coverage. Here the 103
+    most confident samples are right and every other one wrong: thresholds selecting 99 to 103
+    samples are feasible at target 0.05, but the plain binary search probed 125 (too many errors),
+    then 62 and fewer (too few samples to pass even without errors) and reported infeasible. The
+    search now skips the counts that cannot pass and finds the window's right end."""
+    scores = np.arange(252.0)
+    errors = (scores >= 103).astype(float)
+    assert _plain_binary_search(scores, errors, 0.05, 0.05) is None
+    values, n, k = _candidates(scores, errors)
+    level = 0.05 / math.ceil(math.log2(253))
+    feasible = np.flatnonzero(binomial_upper_bound(k, n, level) <= 0.05)
+    assert n[feasible].tolist() == [99, 100, 101, 102, 103]
+    rt = guaranteed_risk_threshold(scores, errors, 0.05, 0.05)
+    assert rt.n_selected == 103 and rt.risk_bound <= 0.05
+    _check_invariants(rt, scores, errors, 0.05, 0.05)
+    ltt = guaranteed_risk_threshold(scores, errors, 0.05, 0.05, method="ltt")
+    assert ltt.n_selected >= rt.n_selected
+
+
+def test_ltt_restarts_after_confident_errors():
+    """Confidently wrong samples among the first ones break the sequence from the first start;
+    the later starts resume it at their (smaller) levels, where a plain fixed sequence from the
+    first start would stop at a tiny coverage."""
+    rng = np.random.default_rng(3)
+    n = 4000
+    scores = np.arange(float(n))
+    errors = (rng.random(n) < np.where(scores < 200, 0.0, np.where(scores < 2500, 0.02, 0.5))).astype(float)
+    errors[[40, 41, 42]] = 1.0  # three confident mistakes, e.g. label noise
+    values, n_sel, k = _candidates(scores, errors)
+    half = 0.025
+    count_a = next(c for c in range(1, 1000) if 1 - half ** (1 / c) <= 0.1)
+    p = stats.binom.cdf(k, n_sel, 0.1)
+    start = int(np.searchsorted(n_sel, count_a))
+    plain_stop = start + int(np.argmax(p[start:] > 0.05))  # plain FST at delta from the first start
+    assert plain_stop < 60
+    rt = guaranteed_risk_threshold(scores, errors, 0.1, 0.05, method="ltt")
+    assert rt.n_tests == 2 and rt.n_selected > 2000  # accepted at delta / 2 (B and the restarts)
+    _check_invariants(rt, scores, errors, 0.1, 0.05, "ltt")
+    # On the same data without the confident mistakes, the whole sequence runs at delta.
+    errors[[40, 41, 42]] = 0.0
+    clean = guaranteed_risk_threshold(scores, errors, 0.1, 0.05, method="ltt")
+    assert clean.n_tests == 1 and clean.n_selected >= rt.n_selected
+    _check_invariants(clean, scores, errors, 0.1, 0.05, "ltt")
+
+
 def test_risk_threshold_to_dict_is_json():
     rt = guaranteed_risk_threshold(*_data(), 0.1)
     assert RiskThreshold(**json.loads(json.dumps(rt.to_dict()))) == rt
@@ -164,8 +289,8 @@ def test_sgr_bad_input():
         guaranteed_risk_threshold(scores, errors, 0.1, delta=1.5)
     with pytest.raises(TypeError, match=r"The 'delta' parameter must be a float in \(0, 1\)\. Got bool instead"):
         guaranteed_risk_threshold(scores, errors, 0.1, delta=True)
-    with pytest.raises(ValueError, match=r"The 'method' parameter must be one of \['sgr'\]\. Got 'ltt' instead"):
-        guaranteed_risk_threshold(scores, errors, 0.1, method="ltt")
+    with pytest.raises(ValueError, match=r"The 'method' parameter must be one of \['sgr', 'ltt'\]\. Got 'lt' instead"):
+        guaranteed_risk_threshold(scores, errors, 0.1, method="lt")
     with pytest.raises(ValueError, match=r"The 'errors' parameter must hold 0/1 losses for the binomial bound\. Got the value 0\.5 instead"):
         guaranteed_risk_threshold(scores, np.full(50, 0.5), 0.1)
     with pytest.raises(ValueError, match=r"The 'errors' parameter must have one loss per score \(50\)\. Got shape \(49,\)"):
@@ -237,6 +362,35 @@ def test_guarantee_holds_on_cifar100_splits(cifar100, target):
     assert 0.8 * hindsight.mean() < coverage.mean() < hindsight.mean()
 
 
+@pytest.mark.parametrize("target", [0.1, 0.2])
+def test_guarantee_holds_with_the_record_as_the_population(cifar100, target):
+    """Acceptance (11.6): the shared CIFAR-100 record is the population. Calibration sets of 5,000
+    are drawn from it (with replacement: i.i.d. from the population), the threshold is chosen on
+    each, and its true selective risk is computed on the whole record. For both methods the
+    violation count over 200 draws stays within the binomial limit of a violation probability
+    delta; LTT reaches more coverage than SGR."""
+    logits, labels = cifar100
+    delta = 0.05
+    scores = SoftmaxScore().fit(logits).scores.numpy()
+    errors = prediction_errors(logits, labels)
+    rng = np.random.default_rng(11)
+    draws = rng.integers(0, scores.size, (N_SPLITS, 5000))
+    limit = int(stats.binom.ppf(0.999, N_SPLITS, delta))
+    coverage = {}
+    for method in ("sgr", "ltt"):
+        true_risk, true_coverage = [], []
+        for idx in draws:
+            rt = guaranteed_risk_threshold(scores[idx], errors[idx], target, delta, method=method)
+            selected = scores < rt.threshold
+            true_risk.append(errors[selected].mean())
+            true_coverage.append(selected.mean())
+        violations = int(np.sum(np.array(true_risk) > target))
+        coverage[method] = float(np.mean(true_coverage))
+        print(f"\n{method} target={target}: violations {violations}/{N_SPLITS} (limit {limit}), coverage {coverage[method]:.4f}")
+        assert violations <= limit
+    assert coverage["ltt"] > coverage["sgr"] + 0.005
+
+
 def test_simulation_detects_a_threshold_without_guarantee(cifar100):
     """The same check fails the naive threshold (largest coverage with calibration risk <= target):
     it violates in about half of the splits, so the check above has power."""
@@ -303,6 +457,23 @@ def test_fit_and_set_threshold_reset_the_risk_threshold():
     score.set_risk_threshold(0.15)
     score.fit(logits, labels)
     assert score.risk_threshold is None and score.threshold is None
+
+
+def test_set_risk_threshold_forwards_the_method(tmp_path):
+    """Issue 11.6, library side: LogitScore.set_risk_threshold(method="ltt") reaches the new
+    method through guaranteed_risk_threshold, and the result survives save and load."""
+    logits, labels = _labelled_logits(n=3000)
+    part_a, part_b = split_calibration(len(labels), fraction=0.5, seed=1)
+    score = SoftmaxScore().fit(logits[part_a], labels[part_a])
+    score.set_risk_threshold(0.1, X=logits[part_b], Y=labels[part_b], method="ltt")
+    errors_b = prediction_errors(logits[part_b], labels[part_b], temperature=score.T)
+    expected = guaranteed_risk_threshold(score.score(logits[part_b]), errors_b, 0.1, method="ltt")
+    assert score.risk_threshold == expected and score.risk_threshold.method == "ltt"
+    assert score.threshold == expected.threshold
+    loaded = load_score(score.save(tmp_path / "ltt.arrow"))
+    assert loaded.risk_threshold == score.risk_threshold
+    with pytest.raises(ValueError, match=r"The 'method' parameter must be one of \['sgr', 'ltt'\]"):
+        score.set_risk_threshold(0.1, method="holm")
 
 
 def test_set_threshold_with_X_scores_at_the_current_temperature():
