@@ -17,6 +17,8 @@ from seapig_core.scores import (
     LogitScore,
     MarginScore,
     MaxLogitScore,
+    ProbabilityMarginScore,
+    SelectionWarning,
     SoftmaxScore,
     make_score,
 )
@@ -31,6 +33,8 @@ __all__ = [
     "LogitScore",
     "MarginScore",
     "MaxLogitScore",
+    "ProbabilityMarginScore",
+    "SelectionWarning",
     "SoftmaxScore",
     "TemperatureFitError",
     "__version__",

@@ -30,6 +30,7 @@ def test_public_api_is_importable_from_every_documented_path():
         "MarginScore",
         "MaxLogitScore",
         "CertaintyRatioScore",
+        "ProbabilityMarginScore",
     ):
         cls = getattr(logits_module, name)
         assert getattr(seapig_core.scores, name) is cls
