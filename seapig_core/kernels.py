@@ -84,88 +84,137 @@ __all__ = [
 # =========================================================================== workspace
 
 
+#: Transcendental functions (exp, log, sigmoid, ...) are applied to lengths that are multiples
+#: of this: torch computes full SIMD vectors with one formula (SLEEF) and a remainder with
+#: another (libm), which can differ in the last bit; on such lengths every element takes the
+#: vector path, so a value never depends on where its row sits in a block or chunk.
+LANES = 64
+
+
+def _padded(n: int) -> int:
+    return -(-n // LANES) * LANES
+
+
 class Workspace:
     """Scratch buffers for block temporaries, reused across row blocks (and calls).
 
-    Slot ``key`` is one flat buffer; :meth:`take` returns a contiguous view of it shaped like the
-    requested block, growing the buffer only when a block is larger than any before.
+    Slot ``key`` is one flat buffer (its length a multiple of :data:`LANES`); :meth:`take`
+    returns a contiguous view of it shaped like the requested block, growing the buffer only
+    when a block is larger than any before.
     """
 
     def __init__(self) -> None:
         self._slots: dict[Any, torch.Tensor] = {}
+
+    def flat(self, slot: Any, like: torch.Tensor, n: int) -> torch.Tensor:
+        """The first ``_padded(n)`` entries of slot ``slot`` (dtype and device of ``like``)."""
+        size = _padded(n)
+        buf = self._slots.get(slot)
+        if buf is None or buf.numel() < size or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(size, dtype=like.dtype, device=like.device)
+            self._slots[slot] = buf
+        return buf[:size]
 
     def take(self, slot: Any, like: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """A contiguous scratch tensor with the dtype and device of ``like`` and its shape (or
         ``shape``); its contents are undefined."""
         shape = tuple(like.shape) if shape is None else tuple(shape)
         n = math.prod(shape)
-        buf = self._slots.get(slot)
-        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
-            buf = torch.empty(n, dtype=like.dtype, device=like.device)
-            self._slots[slot] = buf
-        return buf[:n].view(shape)
+        return self.flat(slot, like, n)[:n].view(shape)
 
 
-def _scratch(work: Workspace | None, slot: Any, like: torch.Tensor) -> torch.Tensor:
-    """Slot ``slot`` of ``work``, or a fresh tensor when no workspace is given."""
-    return torch.empty_like(like, memory_format=torch.contiguous_format) if work is None else work.take(slot, like)
+def _scratch(work: Workspace, slot: Any, like: torch.Tensor) -> torch.Tensor:
+    """Slot ``slot`` of ``work``, shaped like ``like``."""
+    return work.take(slot, like)
+
+
+def _vectorised(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for an elementwise transcendental ``fn``, on a length that is a multiple of
+    :data:`LANES` (see there), so each value is the same wherever ``x`` was cut from."""
+    n = x.numel()
+    if n % LANES == 0:
+        return fn(x)
+    padded = x.new_zeros(_padded(n))
+    padded[:n] = x.reshape(-1)
+    return fn(padded)[:n].view(x.shape)
 
 
 # =========================================================================== block runner
 
 
 class _OpenMP:
-    """``omp_get_max_threads``/``omp_set_num_threads`` of the OpenMP runtime torch loaded.
+    """Per-thread thread counts of the OpenMP runtime (and MKL) that torch loaded.
 
-    Both act on the calling thread only (the OpenMP ``nthreads-var`` ICV is per thread), and
-    torch's ``get_num_threads`` reads it, so a thread that sets 1 runs every torch op inline
-    without touching any process-wide setting. Found by the path the process mapped (never by
-    loading a second runtime); ``available`` is False when there is none.
+    ``omp_set_num_threads`` acts on the calling thread only (the OpenMP ``nthreads-var`` ICV is
+    per thread) and torch's ``get_num_threads`` reads it, so a thread that sets 1 runs every
+    torch op inline. MKL's vector math (torch's ``exp``, ``log``, ... on the CPU) has its own
+    per-thread count, which ``torch.set_num_threads`` sets in the calling thread
+    (``mkl_set_num_threads_local``); it is set to 1 as well. Both are restored afterwards and no
+    process-wide setting is touched. The libraries are found among those the process mapped
+    (never loading a second runtime); ``available`` is False without an OpenMP runtime.
     """
 
     def __init__(self) -> None:
         self.available = False
         self._get: Callable[[], int] | None = None
         self._set: Callable[[int], None] | None = None
+        self._mkl_local: Callable[[int], int] | None = None
         if "OpenMP" not in torch.__config__.parallel_info().split("ATen parallel backend:")[-1]:
             return
-        path = self._mapped_runtime()
-        if path is None:
-            return
-        try:
-            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-            self._get, self._set = lib.omp_get_max_threads, lib.omp_set_num_threads
-        except (OSError, AttributeError):
+        libraries = self._mapped_libraries()
+        for path in libraries:
+            if os.path.basename(path).startswith(("libgomp", "libomp", "libiomp5")):
+                lib = self._open(path)
+                if lib is not None and hasattr(lib, "omp_set_num_threads"):
+                    self._get, self._set = lib.omp_get_max_threads, lib.omp_set_num_threads
+                    break
+        if self._get is None:
             return
         self._get.restype, self._get.argtypes = ctypes.c_int, []
         self._set.restype, self._set.argtypes = None, [ctypes.c_int]
+        for path in libraries:
+            if "torch_cpu" in path or "mkl" in os.path.basename(path):
+                lib = self._open(path)
+                if lib is not None and hasattr(lib, "MKL_Set_Num_Threads_Local"):  # the C interface
+                    self._mkl_local = lib.MKL_Set_Num_Threads_Local
+                    self._mkl_local.restype, self._mkl_local.argtypes = ctypes.c_int, [ctypes.c_int]
+                    break
         self.available = self._get() == torch.get_num_threads()
 
     @staticmethod
-    def _mapped_runtime() -> str | None:
+    def _open(path: str) -> ctypes.CDLL | None:
+        try:
+            return ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        except OSError:
+            return None
+
+    @staticmethod
+    def _mapped_libraries() -> list[str]:
+        found: dict[str, None] = {}
         try:
             with open("/proc/self/maps") as maps:
                 for line in maps:
                     path = line.rsplit(None, 1)[-1]
-                    name = os.path.basename(path)
-                    if name.startswith(("libgomp", "libomp", "libiomp5")) and ".so" in name:
-                        return path
+                    if path.startswith("/") and ".so" in os.path.basename(path):
+                        found[path] = None
         except OSError:
-            return None
-        return None
+            return []
+        return list(found)
 
     @contextmanager
     def single_threaded(self):
-        """Run torch ops of the calling thread on that thread alone, restoring its setting after."""
+        """Run torch ops of the calling thread on that thread alone, restoring its settings after."""
         previous = self._get()
-        if previous == 1:
-            yield
-            return
-        self._set(1)
+        if previous != 1:
+            self._set(1)
+        previous_mkl = None if self._mkl_local is None else self._mkl_local(1)
         try:
             yield
         finally:
-            self._set(previous)
+            if previous_mkl is not None:
+                self._mkl_local(previous_mkl)
+            if previous != 1:
+                self._set(previous)
 
 
 _OMP: _OpenMP | None = None
@@ -282,7 +331,8 @@ class CategoricalBlock:
     """
 
     def __init__(self, z: torch.Tensor, beta: float, T: float, work: Workspace | None = None) -> None:
-        self.z, self.beta, self.T, self.work = z, beta, T, work
+        self.z, self.beta, self.T = z, beta, T
+        self.work = Workspace() if work is None else work
         self._z_max: torch.Tensor | None = None
         self._is_max: torch.Tensor | None = None
         self._n_max: torch.Tensor | None = None
@@ -356,7 +406,11 @@ class CategoricalBlock:
     def exp(self) -> torch.Tensor:
         """``exp(beta (z - z_max))``, ``(R, K)`` (1 at the maxima)."""
         if self._exp is None:
-            self._exp = torch.exp(self._scaled_shift(), out=_scratch(self.work, "e", self.z))
+            self._scaled_shift()
+            n = self.z.numel()
+            # On the padded slots (see LANES); the padding holds stale values, never read.
+            torch.exp(self.work.flat("d", self.z, n), out=self.work.flat("e", self.z, n))
+            self._exp = self.work.take("e", self.z)
         return self._exp
 
     @property
@@ -383,7 +437,7 @@ class CategoricalBlock:
             weighted = others.mul_(d).sum(dim=1)  # sum e_k d_k <= 0 (d = 0 at the maxima)
             n_extra = self.n_max - 1.0
             total = n_extra + 1.0 + t
-            self._entropy = torch.log1p(n_extra.add_(t)).sub_(weighted.div_(total))
+            self._entropy = _vectorised(torch.log1p, n_extra.add_(t)).sub_(weighted.div_(total))
         return self._entropy
 
     def top2_labels(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,7 +480,8 @@ class BernoulliBlock:
     def __init__(
         self, z: torch.Tensor, beta: float, T: float, work: Workspace | None = None, *, single_logit: bool = False
     ) -> None:
-        self.z, self.beta, self.T, self.work, self.single_logit = z, beta, T, work, single_logit
+        self.z, self.beta, self.T, self.single_logit = z, beta, T, single_logit
+        self.work = Workspace() if work is None else work
         self._abs: torch.Tensor | None = None
         self._min_abs: torch.Tensor | None = None
 
@@ -490,7 +545,7 @@ def _bernoulli_entropy_of_abs(a: torch.Tensor) -> torch.Tensor:
 
     ``H = softplus(-a) + a * sigmoid(-a)``; both terms decay like ``a * exp(-a)``.
     """
-    return F.softplus(-a) + a * torch.sigmoid(-a)
+    return _vectorised(lambda v: F.softplus(-v) + v * torch.sigmoid(-v), a)
 
 
 # softmax: -max_k softmax(beta z)_k = -1 / S; bernoulli: -min_c max(p_c, 1 - p_c) = -sigmoid(beta min|z|)
@@ -499,7 +554,7 @@ def _softmax_categorical(b: CategoricalBlock) -> torch.Tensor:
 
 
 def _softmax_bernoulli(b: BernoulliBlock) -> torch.Tensor:
-    return torch.sigmoid(b.scaled_min_abs).neg_()
+    return _vectorised(torch.sigmoid, b.scaled_min_abs).neg_()
 
 
 # entropy: H(softmax(beta z)); bernoulli: the largest per-label entropy (smallest |z|)
@@ -513,15 +568,15 @@ def _entropy_bernoulli(b: BernoulliBlock) -> torch.Tensor:
 
 # energy: -T logsumexp(beta z) = -(z_max + T log S); bernoulli: -T sum_c softplus(beta z_c)
 def _energy_categorical(b: CategoricalBlock) -> torch.Tensor:
-    return b.exp_sum.log().mul_(b.T).add_(b.z_max).neg_()
+    return _vectorised(torch.log, b.exp_sum).mul_(b.T).add_(b.z_max).neg_()
 
 
 def _energy_bernoulli(b: BernoulliBlock) -> torch.Tensor:
     # softplus(x) = logaddexp(x, 0), which (unlike F.softplus) can write into scratch.
-    z = b.z
-    scaled = z if b.beta == 1.0 else torch.mul(z, b.beta, out=_scratch(b.work, "d", z))
-    softplus = torch.logaddexp(scaled, z.new_zeros(()), out=_scratch(b.work, "e", z))
-    return softplus.sum(dim=1).mul_(-b.T)
+    z, work, n = b.z, b.work, b.z.numel()
+    torch.mul(z, b.beta, out=work.take("d", z))  # into the padded slot (see LANES)
+    torch.logaddexp(work.flat("d", z, n), z.new_zeros(()), out=work.flat("e", z, n))
+    return work.take("e", z).sum(dim=1).mul_(-b.T)
 
 
 # margin: -(z_(1) - z_(2)) / T; bernoulli: -min_c |z_c| / T
@@ -544,21 +599,21 @@ def _max_logit_bernoulli(b: BernoulliBlock) -> torch.Tensor:
 
 # certainty ratio: p_(2) / p_(1) = exp(-beta (z_(1) - z_(2))); bernoulli: exp(-beta min|z|)
 def _certainty_ratio_categorical(b: CategoricalBlock) -> torch.Tensor:
-    return b.scaled_gap.exp()
+    return _vectorised(torch.exp, b.scaled_gap)
 
 
 def _certainty_ratio_bernoulli(b: BernoulliBlock) -> torch.Tensor:
-    return b.min_abs.mul(-b.beta).exp_()
+    return _vectorised(torch.exp, b.min_abs.mul(-b.beta))
 
 
 # probability margin: -(p_(1) - p_(2)) = -(1 - exp(-beta gap)) / S = expm1(-beta gap) / S;
 # bernoulli: -|2 sigmoid(beta z) - 1| = -tanh(beta |z| / 2), the smallest over labels.
 def _probability_margin_categorical(b: CategoricalBlock) -> torch.Tensor:
-    return torch.expm1(b.scaled_gap).div_(b.exp_sum)
+    return _vectorised(torch.expm1, b.scaled_gap).div_(b.exp_sum)
 
 
 def _probability_margin_bernoulli(b: BernoulliBlock) -> torch.Tensor:
-    return torch.tanh(b.min_abs * (0.5 * b.beta)).neg_()
+    return _vectorised(torch.tanh, b.min_abs * (0.5 * b.beta)).neg_()
 
 
 KERNELS: dict[str, ScoreKernel] = {
@@ -733,7 +788,7 @@ class _Pass:
             if m == 1:
                 pred = (signed[:, 0] > 0).to(torch.int64)  # p > 0.5 exactly when z > 0
             else:
-                pred = (torch.sigmoid(signed * beta).mean(dim=1) > 0.5).to(torch.int64)
+                pred = (_vectorised(torch.sigmoid, signed * beta).mean(dim=1) > 0.5).to(torch.int64)
             runner = 1 - pred
         else:
             if m == 1:
@@ -742,7 +797,7 @@ class _Pass:
                 if self.want_runner:
                     runner = block.closest_label(self.weights)
             else:
-                mean = torch.sigmoid(block.z * beta).view(stop - start, m, -1).mean(dim=1)
+                mean = _vectorised(torch.sigmoid, block.z * beta).view(stop - start, m, -1).mean(dim=1)
                 if self.want_prediction:
                     self.prediction[start:stop].copy_(mean > 0.5)
                 if self.want_runner:
