@@ -162,16 +162,21 @@ class _OpenMP:
         if "OpenMP" not in torch.__config__.parallel_info().split("ATen parallel backend:")[-1]:
             return
         libraries = self._mapped_libraries()
+        # Several OpenMP runtimes can be mapped (scikit-learn vendors its own libgomp): take
+        # the one whose setting torch reads, tried in a throwaway thread.
         for path in libraries:
             if os.path.basename(path).startswith(("libgomp", "libomp", "libiomp5")):
                 lib = self._open(path)
-                if lib is not None and hasattr(lib, "omp_set_num_threads"):
-                    self._get, self._set = lib.omp_get_max_threads, lib.omp_set_num_threads
+                if lib is None or not hasattr(lib, "omp_set_num_threads"):
+                    continue
+                get, set_ = lib.omp_get_max_threads, lib.omp_set_num_threads
+                get.restype, get.argtypes = ctypes.c_int, []
+                set_.restype, set_.argtypes = None, [ctypes.c_int]
+                if self._drives_torch(set_):
+                    self._get, self._set = get, set_
                     break
         if self._get is None:
             return
-        self._get.restype, self._get.argtypes = ctypes.c_int, []
-        self._set.restype, self._set.argtypes = None, [ctypes.c_int]
         for path in libraries:
             if "torch_cpu" in path or "mkl" in os.path.basename(path):
                 lib = self._open(path)
@@ -179,7 +184,22 @@ class _OpenMP:
                     self._mkl_local = lib.MKL_Set_Num_Threads_Local
                     self._mkl_local.restype, self._mkl_local.argtypes = ctypes.c_int, [ctypes.c_int]
                     break
-        self.available = self._get() == torch.get_num_threads()
+        self.available = True
+
+    @staticmethod
+    def _drives_torch(set_num_threads: Callable[[int], None]) -> bool:
+        """Whether ``set_num_threads`` in a thread changes that thread's torch.get_num_threads()."""
+        seen: list[int] = []
+
+        def probe() -> None:
+            probe_value = torch.get_num_threads() + 3
+            set_num_threads(probe_value)
+            seen.append(int(torch.get_num_threads() == probe_value))
+
+        thread = threading.Thread(target=probe, name="seapig-openmp-probe")
+        thread.start()
+        thread.join()
+        return seen == [1]
 
     @staticmethod
     def _open(path: str) -> ctypes.CDLL | None:
