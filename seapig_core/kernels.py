@@ -460,6 +460,11 @@ class CategoricalBlock:
             self._entropy = _vectorised(torch.log1p, n_extra.add_(t)).sub_(weighted.div_(total))
         return self._entropy
 
+    def first_max(self, weights: torch.Tensor) -> torch.Tensor:
+        """Index of the first maximum of each row (int64); uses slot ``"w"``."""
+        marked = torch.mul(self.is_max, weights, out=_scratch(self.work, "w", self.z))
+        return marked.amax(dim=1).neg_().add_(self.z.shape[1]).to(torch.int64)
+
     def top2_labels(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(first, second)`` int64 class indices: the first maximum, and the runner-up.
 
@@ -757,7 +762,7 @@ class _Pass:
         if self.categorical:
             block = CategoricalBlock(z, self.beta, self.T, work)
             # The top-2 reads the unscaled shift, so it comes before any exponential.
-            if any(kernel.top2 for kernel in self.kernels) or (self.wants_labels and m == 1 and self.exact):
+            if any(kernel.top2 for kernel in self.kernels) or (self.want_runner and m == 1 and self.exact):
                 block.scaled_gap  # noqa: B018
             results = [(kernel.name, kernel.categorical(block)) for kernel in self.kernels]
         else:
@@ -797,7 +802,10 @@ class _Pass:
                 pred = None
         elif self.categorical:
             if m == 1:
-                pred, runner = block.top2_labels(self.weights)
+                if self.want_runner:
+                    pred, runner = block.top2_labels(self.weights)
+                else:  # the first maximum alone needs no top 2
+                    pred = block.first_max(self.weights)
             else:
                 # Member-averaged probabilities, then their top 2.
                 probs = block.exp.div_(block.exp_sum.unsqueeze(1))  # the scores are done with it
