@@ -91,6 +91,11 @@ __all__ = [
 LANES = 64
 
 
+#: Logits per block of the pass: about 2 MiB (with its temporaries, a few MiB per thread). Blocks
+#: much smaller cost more in per-op overhead than they gain in cache.
+_PASS_BLOCK_BYTES = 2 << 20
+
+
 def _padded(n: int) -> int:
     return -(-n // LANES) * LANES
 
@@ -350,9 +355,20 @@ class CategoricalBlock:
         Inverse temperature and temperature.
     """
 
-    def __init__(self, z: torch.Tensor, beta: float, T: float, work: Workspace | None = None) -> None:
+    def __init__(
+        self,
+        z: torch.Tensor,
+        beta: float,
+        T: float,
+        work: Workspace | None = None,
+        *,
+        keep_shift: bool = True,
+        exp_follows: bool = True,
+    ) -> None:
         self.z, self.beta, self.T = z, beta, T
         self.work = Workspace() if work is None else work
+        self.keep_shift = keep_shift  # False: the exponential overwrites the shift (no entropy then)
+        self.exp_follows = exp_follows  # False: the top-2 masks the shift in place (no exp then)
         self._z_max: torch.Tensor | None = None
         self._is_max: torch.Tensor | None = None
         self._n_max: torch.Tensor | None = None
@@ -390,6 +406,8 @@ class CategoricalBlock:
         """``z - z_max`` (non-positive, 0 at the maxima), unscaled until :meth:`_scaled_shift`."""
         if self._shifted is None:
             self._shifted = torch.sub(self.z, self.z_max.unsqueeze(1), out=_scratch(self.work, "d", self.z))
+        elif self._masked is not None and not self.exp_follows:
+            raise RuntimeError("CategoricalBlock: the shift was masked in place (exp_follows=False).")
         return self._shifted
 
     def _top2(self) -> None:
@@ -398,8 +416,9 @@ class CategoricalBlock:
         # shift is scaled in place.
         if self._scaled:
             raise RuntimeError("CategoricalBlock: the top-2 must be taken before the exponential sum.")
+        slot = "m" if self.exp_follows else "d"  # in place when nothing reads the shift again
         masked = torch.sub(
-            self._shift(), self.is_max, alpha=torch.finfo(self.z.dtype).max, out=_scratch(self.work, "m", self.z)
+            self._shift(), self.is_max, alpha=torch.finfo(self.z.dtype).max, out=_scratch(self.work, slot, self.z)
         )
         self._masked = masked
         self._second = masked.amax(dim=1)  # z_(2) - z_(1) <= 0 (second distinct value)
@@ -427,10 +446,10 @@ class CategoricalBlock:
         """``exp(beta (z - z_max))``, ``(R, K)`` (1 at the maxima)."""
         if self._exp is None:
             self._scaled_shift()
-            n = self.z.numel()
+            n, slot = self.z.numel(), "e" if self.keep_shift else "d"
             # On the padded slots (see LANES); the padding holds stale values, never read.
-            torch.exp(self.work.flat("d", self.z, n), out=self.work.flat("e", self.z, n))
-            self._exp = self.work.take("e", self.z)
+            torch.exp(self.work.flat("d", self.z, n), out=self.work.flat(slot, self.z, n))
+            self._exp = self.work.take(slot, self.z)
         return self._exp
 
     @property
@@ -451,6 +470,8 @@ class CategoricalBlock:
         (``log S`` of a rounded ``S`` would be exactly 0 there).
         """
         if self._entropy is None:
+            if not self.keep_shift:
+                raise RuntimeError("CategoricalBlock: the entropy needs keep_shift=True.")
             e, d = self.exp, self._scaled_shift()
             others = torch.sub(e, self.is_max, out=_scratch(self.work, "w", self.z))  # 0 at the maxima
             t = others.sum(dim=1)
@@ -733,6 +754,9 @@ class _Pass:
         if ratio and "certainty_ratio" not in names:
             self.kernels.append(KERNELS["certainty_ratio"])
         self.wants_labels = prediction or runner
+        self.exp_follows = bool({"softmax", "entropy", "energy", "probability_margin"} & set(names)) or (
+            self.wants_labels and m > 1
+        )
         # Indices are read off float weights: exact up to 2**24 classes in float32; beyond
         # that (never seen in practice) the labels come from torch.topk.
         self.exact = k <= 2**24 or dtype == torch.float64
@@ -760,7 +784,9 @@ class _Pass:
             bad_rows = ~(bad_rows if m == 1 else bad_rows.view(rows, m).all(dim=1))
 
         if self.categorical:
-            block = CategoricalBlock(z, self.beta, self.T, work)
+            block = CategoricalBlock(
+                z, self.beta, self.T, work, keep_shift="entropy" in self.names, exp_follows=self.exp_follows
+            )
             # The top-2 reads the unscaled shift, so it comes before any exponential.
             if any(kernel.top2 for kernel in self.kernels) or (self.want_runner and m == 1 and self.exact):
                 block.scaled_gap  # noqa: B018
@@ -909,7 +935,9 @@ def _run_pass(
     if not (math.isfinite(T) and T > 0.0):
         raise ValueError(f"The 'temperature' parameter must be a positive finite float. Got {temperature!r} instead.")
     work = _Pass(canon, names, T, prediction=prediction, runner=runner, ratio=ratio)
-    run_blocks(canon.n_samples, canon.block_rows(), work, device=canon.values.device)
+    # Whole blocks of a multiple of LANES rows need no padding for their transcendental ops.
+    block_rows = max(LANES, canon.block_rows(_PASS_BLOCK_BYTES) // LANES * LANES)
+    run_blocks(canon.n_samples, block_rows, work, device=canon.values.device)
     return work.outputs()
 
 

@@ -104,10 +104,10 @@ class CanonicalLogits:
         """The number of classes a prediction ranges over (2 for any binary layout)."""
         return 2 if self.single_logit else self.n_units
 
-    def block_rows(self) -> int:
-        """Rows per block so that one block of float values is about 1 MiB."""
+    def block_rows(self, block_bytes: int = _BLOCK_BYTES) -> int:
+        """Rows per block so that one block of float values is about ``block_bytes`` (1 MiB)."""
         row_bytes = self.n_units * self.n_members * self.values.element_size()
-        return max(64, _BLOCK_BYTES // max(row_bytes, 1))
+        return max(64, block_bytes // max(row_bytes, 1))
 
     def scoring_block(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``start:stop`` as a 2-D ``(rows * M, K)`` block, members unrolled row-major.
