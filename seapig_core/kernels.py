@@ -935,10 +935,14 @@ def _run_pass(
     if not (math.isfinite(T) and T > 0.0):
         raise ValueError(f"The 'temperature' parameter must be a positive finite float. Got {temperature!r} instead.")
     work = _Pass(canon, names, T, prediction=prediction, runner=runner, ratio=ratio)
-    # Whole blocks of a multiple of LANES rows need no padding for their transcendental ops.
-    block_rows = max(LANES, canon.block_rows(_PASS_BLOCK_BYTES) // LANES * LANES)
-    run_blocks(canon.n_samples, block_rows, work, device=canon.values.device)
+    run_blocks(canon.n_samples, pass_block_rows(canon), work, device=canon.values.device)
     return work.outputs()
+
+
+def pass_block_rows(canon: CanonicalLogits) -> int:
+    """Rows per block of :func:`score_pass`: about 2 MiB of logits, a multiple of :data:`LANES`
+    rows (whole blocks then need no padding for their transcendental ops)."""
+    return max(LANES, canon.block_rows(_PASS_BLOCK_BYTES) // LANES * LANES)
 
 
 # =========================================================================== one output each

@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from seapig_core import SCORES, CertaintyRatioScore, SoftmaxScore
 from seapig_core import kernels as kernels_module
-from seapig_core.kernels import KERNELS, run_blocks, score_pass
+from seapig_core.kernels import KERNELS, pass_block_rows, run_blocks, score_pass
 from seapig_core.layout import canonicalize
 from seapig_core.scores import logits as logits_module
 from tests.core.reference import LAYOUTS, SCORE_NAMES, layout_id, member_vectors, random_labels, reference_scores
@@ -133,9 +133,9 @@ class _Ops(TorchFunctionMode):
 
 
 def test_the_pass_uses_no_topk_argmax_or_isfinite_and_one_finiteness_test_per_block(monkeypatch):
-    x = torch.randn(20_000, 50)
+    x = torch.randn(40_000, 50)
     canon = canonicalize(x)
-    n_blocks = -(-len(x) // canon.block_rows())
+    n_blocks = -(-len(x) // pass_block_rows(canon))
     tests = []
     original = kernels_module.block_finite
     monkeypatch.setattr(kernels_module, "block_finite", lambda z: tests.append(len(z)) or original(z))
