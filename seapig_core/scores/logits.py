@@ -241,6 +241,13 @@ class LogitScore:
             empty or non-finite logits; invalid labels.
         TemperatureFitError
             If the temperature optimiser does not converge.
+
+        Warns
+        -----
+        SelectionWarning
+            When the fitted temperature lies on a bound of its search interval (e.g. logits that
+            separate few labelled samples perfectly pin it at ``T_MIN``); also kept in
+            :attr:`diagnostics`.
         """
         extract_mode = model is not None or loader is not None
         if X is not None and extract_mode:
