@@ -79,17 +79,25 @@ def _impl_version(impl: str) -> str:
     return getattr(seapig_core, "__version__", "working tree")
 
 
-def floor_pass(x: torch.Tensor, buf: torch.Tensor | None = None) -> torch.Tensor:
-    """One row-blocked ``exp`` over ``x`` into a reused block buffer: the cost of touching
-    every logit once with one transcendental, which no score can beat."""
+def floor_pass(x: torch.Tensor, buf: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One row-blocked ``exp`` over ``x`` into reused block buffers: the cost of touching
+    every logit once with one transcendental, which no score can beat.
+
+    The blocks are shared out to threads exactly as the kernels share theirs
+    (``seapig_core.kernels.run_blocks``: single-threaded ops, one buffer per thread), so the
+    floor stays a floor on a busy machine, where torch's own intra-op parallel regions stall.
+    """
     rows2d = x.reshape(x.shape[0], -1)
     block = max(64, _FLOOR_BLOCK_BYTES // max(rows2d[0].numel() * rows2d.element_size(), 1))
-    if buf is None or buf.shape != (block, rows2d.shape[1]) or buf.dtype != x.dtype:
-        buf = torch.empty(block, rows2d.shape[1], dtype=x.dtype)
-    for start in range(0, rows2d.shape[0], block):
-        chunk = rows2d[start : start + block]
-        torch.exp(chunk, out=buf[: chunk.shape[0]])
-    return buf
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from seapig_core.kernels import run_blocks
+
+    def one(start: int, stop: int, work) -> None:
+        chunk = rows2d[start:stop]
+        torch.exp(chunk, out=work.take("floor", chunk))
+
+    run_blocks(rows2d.shape[0], block, one)
+    return None
 
 
 def _load(path: str) -> torch.Tensor:

@@ -382,8 +382,9 @@ def render(ctx: dict) -> str:
         "tenfold and more here, while seapig's few whole-tensor operations slowed about 2x. At 1 "
         "thread there are no such stalls.",
         "- Floor: `torch.exp(block, out=buf)` over the same tensor in blocks of about 1 MiB "
-        f"({ctx['floor_rows']:,} rows), into one reused buffer: touching every logit once with one "
-        "transcendental, which no score can beat.",
+        f"({ctx['floor_rows']:,} rows), into one reused buffer per thread, the blocks shared out to "
+        "threads as the kernels share theirs (`seapig_core.kernels.run_blocks`): touching every logit "
+        "once with one transcendental, which no score can beat.",
         f"- Memory: a fresh process per measurement loads the input, warms up on 256 rows, then resets "
         f"the peak counter ({ctx['memory_method']}); peak extra = peak RSS during one `score()` call "
         "- RSS before it - the output's bytes (4 B x N).",
@@ -421,6 +422,17 @@ def render(ctx: dict) -> str:
 
 
 # --------------------------------------------------------------------------- section "load"
+
+
+def _shared_machine_note(loadavg: float) -> list[str]:
+    """A warning line when the machine was not idle before a section started."""
+    if loadavg <= 1.0:
+        return []
+    return [
+        "",
+        f"**The machine was not idle** (load average {loadavg:.2f} from other jobs before the section "
+        "started): absolute times are inflated and ratios noisy. Rerun on a quiet machine for reference numbers.",
+    ]
 
 
 @contextmanager
@@ -472,6 +484,7 @@ def render_load(ctx: dict) -> str:
         f"Load average (1 min) before the idle phase {ctx['loadavg_idle']:.2f}; during the busy phase "
         f"{ctx['loadavg_busy'][0]:.2f} at its start and {ctx['loadavg_busy'][1]:.2f} at its end.  ",
         f"Idle phase noise: {ctx['noise_idle']}.",
+        *_shared_machine_note(ctx["loadavg_idle"]),
         "",
         f"| score | idle: ours (ms) | idle: seapig (ms) | idle speedup | {ctx['busy_n']} busy: ours (ms) "
         f"| {ctx['busy_n']} busy: seapig (ms) | busy speedup | ours busy / idle | seapig busy / idle | target met |",
@@ -533,6 +546,7 @@ def render_pass(ctx: dict) -> str:
         f"load average (1 min) {ctx['loadavg_pass'][0]:.2f} at the start, {ctx['loadavg_pass'][1]:.2f} at the end  ",
         f"Input: {ctx['rows']:,} x {ctx['cols']} float32 logits, N(0, 3^2), seed {ctx['seed']}.  ",
         f"Noise: {ctx['noise_pass']}.",
+        *_shared_machine_note(ctx["loadavg_pass"][0]),
         "",
         "| workload | ms (median) | vs one pass |",
         "|---|---:|---:|",

@@ -941,8 +941,15 @@ def _run_pass(
 
 def pass_block_rows(canon: CanonicalLogits) -> int:
     """Rows per block of :func:`score_pass`: about 2 MiB of logits, a multiple of :data:`LANES`
-    rows (whole blocks then need no padding for their transcendental ops)."""
-    return max(LANES, canon.block_rows(_PASS_BLOCK_BYTES) // LANES * LANES)
+    rows (whole blocks then need no padding for their transcendental ops). An input of only a
+    few such blocks per thread (a streamed chunk) is cut finer, down to a quarter, so that the
+    threads finish together."""
+    rows = max(LANES, canon.block_rows(_PASS_BLOCK_BYTES) // LANES * LANES)
+    wanted = 4 * torch.get_num_threads()  # blocks per call that keep the threads busy to the end
+    if canon.n_samples < rows * wanted:
+        finer = -(-canon.n_samples // wanted)
+        rows = max(rows // 4, -(-finer // LANES) * LANES, LANES)
+    return rows
 
 
 # =========================================================================== one output each

@@ -133,15 +133,15 @@ class _Ops(TorchFunctionMode):
 
 
 def test_the_pass_uses_no_topk_argmax_or_isfinite_and_one_finiteness_test_per_block(monkeypatch):
-    x = torch.randn(40_000, 50)
+    x = torch.randn(60_000, 50)
     canon = canonicalize(x)
-    n_blocks = -(-len(x) // pass_block_rows(canon))
     tests = []
     original = kernels_module.block_finite
     monkeypatch.setattr(kernels_module, "block_finite", lambda z: tests.append(len(z)) or original(z))
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # every block in this thread, where the mode sees its ops
     try:
+        n_blocks = -(-len(x) // pass_block_rows(canon))
         with _Ops() as ops:
             score_pass(canon, SCORE_NAMES, 0.5, labels=True)
     finally:
