@@ -28,9 +28,12 @@ float32) ties; thresholds then warn (see :mod:`seapig_core.scores.thresholds`).
 
 Performance (1M x 100 float32 on the project's 2-core machines; ``benchmarks/bench_scores.py``):
 
-- Blocks of about 1 MiB of logits stay in cache with their temporaries, which are written into
-  per-thread :class:`Workspace` buffers reused across blocks and calls (a fresh block-sized
-  temporary costs more than the arithmetic on it: new pages, page faults).
+- Blocks of about 2 MiB of logits (:func:`pass_block_rows`) keep the per-op overhead of a
+  Python-driven loop small while their temporaries stay in the last-level cache; temporaries
+  are written into per-thread :class:`Workspace` buffers reused across blocks and calls (a
+  fresh block-sized temporary costs more than the arithmetic on it: new pages, page faults).
+- Transcendental functions run on lengths that are multiples of :data:`LANES`, so a value
+  never depends on where its row falls in a block: chunks give the whole tensor's values.
 - ``torch.topk``, ``argmax``, ``max(dim)`` with indices and ``isfinite`` along rows each cost
   several to tens of plain float passes here, so the top-2, the indices and the finiteness
   test are built from ``eq``/``sub``/``mul``/``amax``/``sum`` instead.
