@@ -168,7 +168,7 @@ def test_schedules_fire_and_a_worker_completes_an_auto_scheduled_scoring_run(con
         selections = sorted((project / "demo_output/deployments/selections").glob("*.selections.parquet"))
         assert len(selections) == 3, selections
         keys = {artifact["key"] for artifact in server.read_artifacts(flow_run_id=run["id"])}
-        assert {"scoring-summary", "scoring-report"} <= keys, keys
+        assert {"digits-scoring--scoring-summary", "digits-scoring--scoring-report"} <= keys, keys  # keyed per deployment
 
         def completion_event() -> list[dict[str, Any]] | None:  # events are persisted in batches, a moment later
             events = server.read_events({"any_resource": {"id": [f"prefect.flow-run.{run['id']}"]}})
