@@ -145,7 +145,7 @@ def scoring_flow(
         inputs = {claim.batch: claim.input_path for claim in plan.claims}
         publish_scoring_artifacts(
             bundle["version_path"], {entry["batch"]: entry["path"] for entry in scored}, plot_dir, pipeline=pipeline,
-            output_dir=output_dir, thresholds=thresholds, review_count=review_count,
+            output_dir=output_dir, thresholds=thresholds, review_count=review_count, score=bundle["primary"],
             provenance={"bundle_dir": bundle["bundle_dir"], "input_files": {e["batch"]: inputs[e["batch"]] for e in scored}},
         )
     drifted = [entry["batch"] for entry in scored if entry.get("verdict") == "drift"]

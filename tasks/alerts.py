@@ -53,11 +53,18 @@ DRIFT_EVENT = "seapig.batch.drifted"
 DRIFTED_STATE = "Drifted"
 #: Name of the final state (Completed, or Failed with ``fail_on_drift``) of a run with drift.
 DRIFT_DETECTED_STATE = "Drift detected"
-#: The numbers of a batch's summary that the event's payload carries (with their display kind).
+#: The numbers of a batch's summary that the event's payload carries: (display kind, label in the alert).
 PAYLOAD_NUMBERS = {
-    "samples": "count", "rejected": "count", "rejection_rate": "rate", "expected_rejection_rate": "rate",
-    "rate_pvalue": "pvalue", "binomial_pvalue": "pvalue", "ks_statistic": "stat", "ks_pvalue": "pvalue", "psi": "stat",
-    "non_finite": "count",
+    "samples": ("count", "samples"),
+    "rejected": ("count", "rejected samples"),
+    "rejection_rate": ("rate", "rejection rate"),
+    "expected_rejection_rate": ("rate", "expected rejection rate (calibration)"),
+    "rate_pvalue": ("pvalue", "p-value of the rate (allowing for the calibration's size; the verdict's)"),
+    "binomial_pvalue": ("pvalue", "p-value of the rate (exact binomial test)"),
+    "ks_statistic": ("stat", "KS statistic (0: like the calibration scores, 1: disjoint)"),
+    "ks_pvalue": ("pvalue", "KS p-value"),
+    "psi": ("stat", "PSI (above 0.25: a major shift)"),
+    "non_finite": ("count", "samples with non-finite logits"),
 }
 
 
@@ -196,16 +203,17 @@ def drift_alert_markdown(batch: str, details: Mapping[str, Any]) -> str:
 
     ``details`` is the drift event's payload (:func:`drift_event`); every value in it is escaped.
     """
-    deployment = details.get("deployment") or "none (run by hand)"
+    deployment = details.get("deployment")
+    source = f"deployment {markdown_text(deployment)}" if deployment else "a scoring run started by hand (no deployment)"
     lines = [
         f"# Drift: batch {markdown_text(batch)}",
         "",
-        f"> **Batch {markdown_text(batch)} of deployment {markdown_text(deployment)} drifted from the calibration "
-        f"data.** Review its rejected samples before trusting its selections.",
+        f"> **Batch {markdown_text(batch)} of {source} drifted from the calibration data.** Review its rejected "
+        f"samples before trusting its selections.",
         "",
     ]
     lines += [f"- {markdown_text(reason)}" for reason in details.get("reasons") or []]
-    numbers = [{"what": key.replace("_", " "), "value": format_value(details.get(key), kind)} for key, kind in PAYLOAD_NUMBERS.items()
+    numbers = [{"what": label, "value": format_value(details.get(key), kind)} for key, (kind, label) in PAYLOAD_NUMBERS.items()
                if key in details]
     if numbers:
         lines += ["", markdown_table(numbers, [("what", "statistic"), ("value", "value")])]

@@ -12,7 +12,8 @@ Every key is ``<pipeline>--<kind>`` (``--<batch>`` added for per-batch artifacts
 - ``<batch>`` is the batch name as a key part (:func:`key_part`).
 
 A name that already is a key part (lowercase letters and digits in dash-separated words, at
-most :data:`MAX_PART` characters) is used as it is; any other name is reduced to one and gets
+most :data:`MAX_PART` characters) is used as it is (so a pipeline key is its own key part); any
+other name is cut to at most :data:`MAX_SLUG` such characters and gets
 the first 10 hex digits of its SHA-256 (``Digits Scoring`` -> ``digits-scoring-536c0eb7a6``), so
 that two names never map to one part (short of a 40-bit hash collision). Parts never contain
 ``--`` nor start or end with ``-``, so joining them with ``--`` never makes two keys equal.
@@ -65,8 +66,9 @@ CALIBRATION_SUMMARY, CALIBRATION_REPORT = "calibration-summary", "calibration-re
 SCORING_SUMMARY, SCORING_REPORT = "scoring-summary", "scoring-report"
 REVIEW, DRIFT_ALERT, EXTRACTION_PROGRESS = "review", "drift-alert", "extraction-progress"
 KINDS = (CALIBRATION_SUMMARY, CALIBRATION_REPORT, SCORING_SUMMARY, SCORING_REPORT, REVIEW, DRIFT_ALERT, EXTRACTION_PROGRESS)
-#: Longest key part kept readable (a longer name is cut and hashed).
-MAX_PART = 48
+#: Longest name used as a key part as it is (a longer one is cut to MAX_SLUG characters and hashed).
+MAX_PART = 64
+MAX_SLUG = 48
 SEPARATOR = "--"
 _PART = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 _HASH_DIGITS = 10
@@ -74,7 +76,7 @@ _HASH_DIGITS = 10
 
 def _slug(text: str, keep_end: bool = False) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    slug = slug[-MAX_PART:] if keep_end else slug[:MAX_PART]
+    slug = slug[-MAX_SLUG:] if keep_end else slug[:MAX_SLUG]
     return slug.strip("-")
 
 
@@ -159,12 +161,34 @@ def _about(provenance: Mapping[str, Any], what: str) -> str:
 
 
 def trend_history(output_dir: str | os.PathLike[str]) -> pd.DataFrame | None:
-    """The scored batches of the ledger of ``output_dir`` for the trend chart (``time``, ``rejection_rate``, ...)."""
+    """The batches scored into ``output_dir`` (its ledger's history) for the trend chart, one time per run.
+
+    Each row is a scored batch (``batch``, ``rejection_rate``, ``ks_statistic``, ``verdict``, ...);
+    ``time`` is when its run finished its first batch, so that the batches of one run share a
+    point in time and the chart reads run by run (the first run: one labelled point).
+    """
     frame = Ledger(output_dir).history()
     if frame.empty or "rejection_rate" not in frame.columns:
         return None
-    done = frame[(frame["state"] == "done") & frame["rejection_rate"].notna()]
-    return done.rename(columns={"finished_at": "time"}) if len(done) else None
+    done = frame[(frame["state"] == "done") & frame["rejection_rate"].notna()].copy()
+    if done.empty:
+        return None
+    run = done["run_id"].fillna(done["finished_at"].astype(str))  # a batch scored outside a flow run is its own run
+    done["time"] = done.groupby(run)["finished_at"].transform("min")
+    if done["time"].nunique() == 1:  # one run: a labelled point, not a date axis spanning years
+        done["time"] = "only run so far, " + done["time"].dt.strftime("%Y-%m-%d %H:%M UTC")
+    return done
+
+
+def _queue_table(rows: list[dict[str, str]], score: str | None) -> list[dict[str, str]]:
+    """A review queue's display rows under the report's column headers (the score on the axis people know)."""
+    from seapig_core.plotting import SCORE_AXES
+
+    axis = SCORE_AXES.get(score) if score else None
+    shown = ("value", axis.label.split(" (")[0]) if axis is not None and axis.rejects_low else ("score", f"score ({score or 'primary'})")
+    columns = [("rank", "#"), ("sample_id", "sample id"), ("prediction", "prediction"), ("runner_up", "runner-up"),
+               ("certainty_ratio", "certainty ratio"), shown]
+    return [{header: row.get(key, "n/a") for key, header in columns} for row in rows]
 
 
 @task(name="publish-calibration-artifacts", cache_policy=NO_CACHE)
@@ -208,10 +232,12 @@ def publish_scoring_artifacts(
     provenance: Mapping[str, Any] | None = None,
     thresholds: Mapping[str, Any] | None = None,
     review_count: int = QUEUE_ROWS,
+    score: str | None = None,
 ) -> dict[str, str]:
     """Publish the verdict table, the report (verdicts, trend, densities, queues) and one review-queue table per batch.
 
-    ``output_dir`` (default: the selections' directory) holds the ledger whose history draws the trend.
+    ``output_dir`` (default: the selections' directory) holds the ledger whose history draws the
+    trend; ``score`` (the bundle's primary score) names the queues' score column.
     """
     output_dir = output_dir or str(Path(next(iter(selections.values()))).parent)
     pipeline = pipeline or pipeline_key(None, output_dir)
@@ -234,5 +260,5 @@ def publish_scoring_artifacts(
             f"Review queue of batch {markdown_text(batch)}: the {format_value(len(rows), 'count')} of {rejected[batch]} "
             f"rejected samples to look at first (most uncertain first); selections file {markdown_text(selections[batch])}"
         )
-        ids[key] = str(create_table_artifact(rows, key=key, description=_about(about, what)))
+        ids[key] = str(create_table_artifact(_queue_table(rows, score), key=key, description=_about(about, what)))
     return ids
