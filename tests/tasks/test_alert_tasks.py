@@ -343,3 +343,35 @@ def _wait_for_events(since: float, flow_run_id: Any, timeout: float = 30) -> lis
         if events or time.monotonic() > deadline:
             return events
         time.sleep(1)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_the_calibration_flow_logs_the_bundles_diagnostics_as_warnings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9, item 5: diagnostics stored by the bundle (calibration.diagnostics) reach the run's logs as warnings."""
+    import tasks.selection
+    from flows.calibration import calibration_flow
+    from tests.flows.harness import read_artifacts, read_logs
+
+    logits, labels = _batch(400, 3.0, 0)
+    np.savez(tmp_path / "calibration.npz", logits=logits, labels=labels)
+    real = tasks.selection.calibrate_file
+    diagnostic = {"code": "ties", "severity": "warning",
+                  "message": "40% of the held-out scores are tied at the threshold; use the 'energy' score, which separates them."}
+
+    def with_diagnostics(*args, **kwargs):  # until the bundle records its own (the `core` piece)
+        result = real(*args, **kwargs)
+        return {**result, "calibration": {**result["calibration"], "diagnostics": [diagnostic]}}
+
+    monkeypatch.setattr(tasks.selection, "calibrate_file", with_diagnostics)
+    bundle = tmp_path / "bundle"
+    state = calibration_flow(bundle_dir=str(bundle), logits_path=str(tmp_path / "calibration.npz"), q=0.9, return_state=True)
+    assert state.is_completed(), state.message
+    logs = read_logs(state.state_details.flow_run_id)
+    assert f"Calibration warning (ties): {diagnostic['message']}" in logs
+    # Keyed by the bundle directory when run by hand; the report says what it describes.
+    pipeline = pipeline_key(None, bundle)
+    artifacts = read_artifacts(state.state_details.flow_run_id)
+    assert set(artifacts) == {artifact_key(pipeline, "calibration-summary"), artifact_key(pipeline, "calibration-report")}
+    report = artifacts[artifact_key(pipeline, "calibration-report")].data
+    assert markdown_text(tmp_path / "calibration.npz") in report and "Flow run: " in report
