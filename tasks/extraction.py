@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from seapig_core.sources import extract_from_factories
 from tasks._support import ProgressArtifact, retry_unless_bad_input
-from tasks.artifacts import EXTRACTION_PROGRESS, artifact_key, pipeline_key
+from tasks.keys import EXTRACTION_PROGRESS, artifact_key, pipeline_key
 
 
 # No Prefect cache: the logits store is the cache, keyed on the model's weights, the data's

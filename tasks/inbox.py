@@ -17,7 +17,7 @@ from prefect.runtime import deployment, flow_run
 from seapig_core.inbox import ScoringPlan, plan_scoring, score_claim
 from seapig_core.ledger import Claim
 from tasks.alerts import batch_state
-from tasks.artifacts import pipeline_key
+from tasks.keys import pipeline_key
 
 
 @task(name="plan-scoring", cache_policy=NO_CACHE)

@@ -109,6 +109,13 @@ def test_a_drifted_batch_raises_the_event_the_automation_alerts_and_the_clean_on
         assert related["output-dir"]["prefect.resource.name"] == str((tmp_path / "selections").resolve())
         assert event["payload"]["verdict"] == "drift" and event["payload"]["reasons"]
         assert not server.read_events({"any_resource": {"id": ["seapig.batch.inbox-scoring.clean"]}})
+        # Prefect names the run's state-change event after the state: an automation on "any
+        # completed run" must expect it too (README, "Alerts").
+        final = server.wait_for(
+            "the scoring run's state-change event", lambda: server.read_events({
+                "event": {"name": [f"prefect.flow-run.{DRIFT_DETECTED_STATE}"]},
+                "any_resource": {"id": [f"prefect.flow-run.{run['id']}"]}}) or None, timeout=30)
+        assert [e["resource"]["prefect.state-type"] for e in final] == ["COMPLETED"]
 
         # The automation's action: one alert run, for the drifted batch, with its artifact.
         def alert_completed() -> dict[str, Any] | None:

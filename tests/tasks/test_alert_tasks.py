@@ -233,6 +233,19 @@ def test_the_automations_expect_the_drift_event() -> None:
     assert pause.actions[0].source == "inferred"
 
 
+def test_the_alert_flow_loads_without_torch() -> None:
+    """The automation starts one alert run per drifted batch: each imports Prefect only (seconds, not torch's)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, flows.drift_alert; print(sorted(m for m in ('torch', 'seapig_core', 'pandas') if m in sys.modules))"
+    run = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"
+    payload = drift_event(_result(), pipeline="p", output_dir="/data/out")["payload"]
+    assert payload["alert_markdown"] == drift_alert_markdown("batch-7", {k: v for k, v in payload.items() if k != "alert_markdown"})
+
+
 # ----------------------------------------------------------------------------- the scoring flow with drift
 
 
