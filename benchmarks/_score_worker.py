@@ -16,7 +16,12 @@ Modes
     ``{"op": "floor", "case": CASE, "repeat": R}`` (the same per row-blocked ``torch.exp`` pass,
     averaged over R passes), ``{"op": "dump", "score": NAME, "path": P}`` (save the
     scores as ``.npy``) or ``{"op": "quit"}``. A ``"threads": n`` field first sets
-    ``torch.set_num_threads(n)`` for this and later requests.
+    ``torch.set_num_threads(n)`` for this and later requests. Ours only (issue 10.1):
+    ``{"op": "pass"}`` (one ``score_pass`` of the four scores with prediction, runner-up and
+    certainty ratio), ``{"op": "pass_chunks", "rows": R}`` (the same per chunk of R rows, each
+    chunk canonicalised on its own, as a streaming reader would) and ``{"op": "separate"}``
+    (the four ``score()`` calls, ``predict``, ``alternate_label`` and the certainty ratio's
+    ``score()``, each validating its input: what one pass replaces).
 ``mem``
     In a fresh process: load the logits, warm up on a small slice, reset the peak-RSS counter,
     score the whole input once and print the peak resident memory beyond the baseline and the
@@ -74,17 +79,25 @@ def _impl_version(impl: str) -> str:
     return getattr(seapig_core, "__version__", "working tree")
 
 
-def floor_pass(x: torch.Tensor, buf: torch.Tensor | None = None) -> torch.Tensor:
-    """One row-blocked ``exp`` over ``x`` into a reused block buffer: the cost of touching
-    every logit once with one transcendental, which no score can beat."""
+def floor_pass(x: torch.Tensor, buf: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One row-blocked ``exp`` over ``x`` into reused block buffers: the cost of touching
+    every logit once with one transcendental, which no score can beat.
+
+    The blocks are shared out to threads exactly as the kernels share theirs
+    (``seapig_core.kernels.run_blocks``: single-threaded ops, one buffer per thread), so the
+    floor stays a floor on a busy machine, where torch's own intra-op parallel regions stall.
+    """
     rows2d = x.reshape(x.shape[0], -1)
     block = max(64, _FLOOR_BLOCK_BYTES // max(rows2d[0].numel() * rows2d.element_size(), 1))
-    if buf is None or buf.shape != (block, rows2d.shape[1]) or buf.dtype != x.dtype:
-        buf = torch.empty(block, rows2d.shape[1], dtype=x.dtype)
-    for start in range(0, rows2d.shape[0], block):
-        chunk = rows2d[start : start + block]
-        torch.exp(chunk, out=buf[: chunk.shape[0]])
-    return buf
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from seapig_core.kernels import run_blocks
+
+    def one(start: int, stop: int, work) -> None:
+        chunk = rows2d[start:stop]
+        torch.exp(chunk, out=work.take("floor", chunk))
+
+    run_blocks(rows2d.shape[0], block, one)
+    return None
 
 
 def _load(path: str) -> torch.Tensor:
@@ -137,11 +150,40 @@ def _timed(fn) -> dict:
     return {"seconds": wall, "others_cores": max(0.0, busy - own) / wall}
 
 
+def _pass_ops(x: torch.Tensor) -> dict:
+    """The one-pass workloads (ours only): callables by op name."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from seapig_core.kernels import score_pass
+    from seapig_core.layout import canonicalize
+    from seapig_core.scores.logits import SCORES as REGISTRY
+    from seapig_core.scores.logits import CertaintyRatioScore, SoftmaxScore
+
+    names = list(SCORES)
+
+    def one_pass() -> None:
+        score_pass(canonicalize(x), names, 1.0, labels=True)
+
+    def pass_chunks(rows: int) -> None:
+        for start in range(0, x.shape[0], rows):
+            score_pass(canonicalize(x[start : start + rows]), names, 1.0, labels=True)
+
+    def separate() -> None:
+        for name in names:
+            REGISTRY[name]().score(x)
+        SoftmaxScore().predict(x)
+        ratio = CertaintyRatioScore()
+        ratio.alternate_label(x)
+        ratio.score(x)
+
+    return {"pass": one_pass, "pass_chunks": pass_chunks, "separate": separate}
+
+
 def serve(args: argparse.Namespace) -> None:
     x = _load(args.input)
     case_tensors: dict[str, torch.Tensor] = {"multiclass": x}
     scorers: dict[tuple[str, str], object] = {}
     floor_bufs: dict[str, torch.Tensor] = {}
+    pass_ops: dict = {}
 
     def case_tensor(case: str) -> torch.Tensor:
         if case not in case_tensors:
@@ -189,6 +231,14 @@ def serve(args: argparse.Namespace) -> None:
 
             reply = _timed(run)
             reply["seconds"] /= repeat  # per pass; several passes make the noise meter's window longer
+        elif op in ("pass", "pass_chunks", "separate"):
+            if args.impl != "ours":
+                reply = {"error": f"{op} is ours only"}
+            else:
+                if not pass_ops:
+                    pass_ops.update(_pass_ops(x))
+                fn = pass_ops[op]
+                reply = _timed(lambda: fn(int(req["rows"])) if op == "pass_chunks" else fn())
         elif op == "dump":
             result = scorer(req["score"], case).score(case_tensor(case))
             np.save(req["path"], result.detach().numpy())

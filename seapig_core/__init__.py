@@ -19,6 +19,8 @@ from seapig_core.scores import (
     LogitScore,
     MarginScore,
     MaxLogitScore,
+    ProbabilityMarginScore,
+    SelectionWarning,
     SoftmaxScore,
     make_score,
 )
@@ -33,6 +35,8 @@ __all__ = [
     "LogitScore",
     "MarginScore",
     "MaxLogitScore",
+    "ProbabilityMarginScore",
+    "SelectionWarning",
     "SoftmaxScore",
     "TemperatureFitError",
     "__version__",

@@ -15,7 +15,8 @@ NLL is *convex*:
 So the minimiser on the bounded interval ``T in [T_MIN, T_MAX]`` is either a bound (when the
 derivative has one sign on the interval) or the unique root of ``NLL'``, found by a safeguarded
 Newton iteration (bisection on a log scale whenever Newton would leave the bracket). Everything
-is computed in float64 in row blocks. If the iteration does not converge,
+is computed in float64 in row blocks (shared out to threads like the score kernels). If the
+iteration does not converge,
 :class:`TemperatureFitError` is raised; there is no silent fallback.
 
 Degenerate data stay finite: if the NLL does not depend on ``T`` (every row's logits equal),
@@ -34,7 +35,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from seapig_core.layout import CanonicalLogits, flatten_members, iter_row_blocks
+from seapig_core.kernels import run_blocks
+from seapig_core.layout import CanonicalLogits, flatten_members
 
 __all__ = [
     "T_MAX",
@@ -98,11 +100,18 @@ def _rows_and_labels(canon: CanonicalLogits, labels: torch.Tensor, start: int, s
 
 
 def _nll_and_derivatives(canon: CanonicalLogits, labels: torch.Tensor, beta: float) -> tuple[float, float, float]:
-    """``(NLL, dNLL/dbeta, d2NLL/dbeta2)`` at ``beta``, means over all rows, in float64."""
-    nll = grad = curv = 0.0
+    """``(NLL, dNLL/dbeta, d2NLL/dbeta2)`` at ``beta``, means over all rows, in float64.
+
+    Row blocks are shared out to single-threaded workers (:func:`seapig_core.kernels.run_blocks`:
+    robust on a busy host); the per-block sums are added exactly (``math.fsum``), so the result
+    does not depend on the threads or the order.
+    """
     n_rows = canon.n_samples * canon.n_members
     block = max(64, canon.block_rows() // 2)  # float64 doubles the bytes per row
-    for start, stop in iter_row_blocks(canon.n_samples, block):
+    n_blocks = -(-canon.n_samples // block)
+    partial = torch.zeros(max(n_blocks, 1), 3, dtype=torch.float64)
+
+    def one_block(start: int, stop: int, work) -> None:
         z, y = _rows_and_labels(canon, labels, start, stop)
         if canon.family == "categorical":
             z_max = z.amax(dim=1, keepdim=True)
@@ -112,15 +121,19 @@ def _nll_and_derivatives(canon: CanonicalLogits, labels: torch.Tensor, beta: flo
             p = e / total
             mean_d = (p * d).sum(dim=1, keepdim=True)
             d_y = d.gather(1, y.view(-1, 1))
-            nll += float((torch.log(total) - beta * d_y).sum())
-            grad += float((mean_d - d_y).sum())
-            curv += float((p * (d - mean_d).square()).sum())
+            nll = (torch.log(total) - beta * d_y).sum()
+            grad = (mean_d - d_y).sum()
+            curv = (p * (d - mean_d).square()).sum()
         else:
             bz = beta * z
-            nll += float((F.softplus(bz) - y * bz).sum())
+            nll = (F.softplus(bz) - y * bz).sum()
             s = torch.sigmoid(bz)
-            grad += float(((s - y) * z).sum())
-            curv += float((s * (1.0 - s) * z.square()).sum())
+            grad = ((s - y) * z).sum()
+            curv = (s * (1.0 - s) * z.square()).sum()
+        partial[start // block] = torch.stack((nll, grad, curv))
+
+    run_blocks(canon.n_samples, block, one_block)
+    nll, grad, curv = (math.fsum(column) for column in partial.T.tolist())  # exact: order-free
     return nll / n_rows, grad / n_rows, curv / n_rows
 
 

@@ -1,4 +1,4 @@
-"""Uncertainty scores. Re-exports :mod:`seapig_core.scores.logits`."""
+"""Uncertainty scores. Re-exports :mod:`seapig_core.scores.logits` and the thresholds' warning."""
 
 from seapig_core.scores.logits import (
     SCORES,
@@ -8,9 +8,11 @@ from seapig_core.scores.logits import (
     LogitScore,
     MarginScore,
     MaxLogitScore,
+    ProbabilityMarginScore,
     SoftmaxScore,
     make_score,
 )
+from seapig_core.scores.thresholds import SelectionWarning
 
 __all__ = [
     "SCORES",
@@ -20,6 +22,8 @@ __all__ = [
     "LogitScore",
     "MarginScore",
     "MaxLogitScore",
+    "ProbabilityMarginScore",
+    "SelectionWarning",
     "SoftmaxScore",
     "make_score",
 ]

@@ -24,18 +24,26 @@ tensor([-0.9647, -0.3672])
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
 import torch
 from matplotlib.figure import Figure
 
 from seapig_core._validation import check_bool, check_open_unit, check_temperature
-from seapig_core.kernels import KERNELS, ScoreKernel, compute_scores, predict, runner_up
+from seapig_core.kernels import KERNELS, PassOutputs, ScoreKernel, _run_pass
 from seapig_core.layout import CanonicalLogits, canonicalize, check_labels, check_task
-from seapig_core.temperature import TemperatureFit, fit_temperature
+from seapig_core.scores import state_file
+from seapig_core.scores.thresholds import (
+    emit,
+    nothing_selected_diagnostic,
+    quantile_threshold,
+    saturation_diagnostic,
+    temperature_diagnostic,
+)
+from seapig_core.temperature import T_MAX, T_MIN, TemperatureFit, fit_temperature
 
 if TYPE_CHECKING:
     from seapig_core.risk import RiskThreshold
@@ -48,13 +56,10 @@ __all__ = [
     "LogitScore",
     "MarginScore",
     "MaxLogitScore",
+    "ProbabilityMarginScore",
     "SoftmaxScore",
     "make_score",
 ]
-
-
-
-
 
 
 class LogitScore:
@@ -94,6 +99,13 @@ class LogitScore:
     risk_threshold : RiskThreshold or None
         Set by :meth:`set_risk_threshold`: the threshold with its bound on the selective risk,
         the coverage reached and the settings (see :class:`seapig_core.risk.RiskThreshold`).
+    diagnostics : list of dict
+        Why the fit or the threshold does not work as asked: a temperature on a bound of its
+        search, ties (e.g. a saturated float32 softmax score) that keep the coverage more than a
+        point from ``q``, a threshold that selects no calibration sample. Each is a dict with
+        ``code``, ``message`` (the cause and the remedy) and ``severity``, and was issued as a
+        :class:`~seapig_core.scores.thresholds.SelectionWarning` (see
+        :mod:`seapig_core.scores.thresholds`).
 
     Notes
     -----
@@ -131,6 +143,9 @@ class LogitScore:
 
     #: Registry name of the score, e.g. ``"softmax"``.
     name: ClassVar[str] = ""
+    #: The value where the score saturates in floating point at the confident end (ties pile
+    #: up there when probabilities round to 0 or 1); None for scores that do not saturate.
+    saturation: ClassVar[float | None] = None
 
     def __init__(self, temperature: float | None = None, task: str = "multiclass", per_member: bool = False) -> None:
         self.temperature = check_temperature(temperature, allow_none=True)
@@ -144,6 +159,8 @@ class LogitScore:
         self.quantile: float | None = None
         self.n_units: int | None = None
         self.risk_threshold: RiskThreshold | None = None
+        self._fit_diagnostics: list[dict[str, str]] = []
+        self._threshold_diagnostics: list[dict[str, str]] = []
 
     # ------------------------------------------------------------------ settings and state
 
@@ -161,6 +178,11 @@ class LogitScore:
     def is_fitted(self) -> bool:
         """Whether :meth:`fit` has stored calibration scores."""
         return self.scores is not None
+
+    @property
+    def diagnostics(self) -> list[dict[str, str]]:
+        """Diagnostics of the fit and of the current threshold (see the class docstring); a copy."""
+        return [dict(item) for item in (*self._fit_diagnostics, *self._threshold_diagnostics)]
 
     def __repr__(self) -> str:
         args = [f"temperature={self.temperature!r}", f"task={self.task!r}"]
@@ -219,6 +241,13 @@ class LogitScore:
             empty or non-finite logits; invalid labels.
         TemperatureFitError
             If the temperature optimiser does not converge.
+
+        Warns
+        -----
+        SelectionWarning
+            When the fitted temperature lies on a bound of its search interval (e.g. logits that
+            separate few labelled samples perfectly pin it at ``T_MIN``); also kept in
+            :attr:`diagnostics`.
         """
         extract_mode = model is not None or loader is not None
         if X is not None and extract_mode:
@@ -253,11 +282,18 @@ class LogitScore:
                     "Got them with precomputed logits 'X' instead."
                 )
 
+        # Validated once; the temperature fit and the scores read the same canonical logits.
         canon = canonicalize(X, self.task, self.per_member, name="X", require_finite=True)
         labels = None if Y is None else check_labels(Y, canon, name="Y")
+        self._fit_diagnostics = []
         if labels is not None:
-            self.temperature_fit = fit_temperature(canon, labels)
-            self.temperature = self.temperature_fit.temperature
+            fit = fit_temperature(canon, labels)
+            self.temperature_fit = fit
+            self.temperature = fit.temperature
+            found = temperature_diagnostic(fit.temperature, fit.at_bound, (T_MIN, T_MAX), canon.n_samples, canon.n_classes)
+            if found is not None:
+                self._fit_diagnostics.append(found)
+                emit([found], stacklevel=3)
         self._store_calibration(canon, labels)
         return self
 
@@ -295,14 +331,20 @@ class LogitScore:
         # A new calibration set invalidates a threshold taken from the old one.
         self.threshold = self.quantile = None
         self.risk_threshold = None
+        self._threshold_diagnostics = []
 
     # ------------------------------------------------------------------ scoring
 
     def _canonical_query(self, query_logits: Any, name: str = "query_logits") -> CanonicalLogits:
-        return canonicalize(query_logits, self.task, self.per_member, name=name, n_units=self.n_units)
+        """Query logits validated once (shape, class count); zero samples are allowed."""
+        return canonicalize(query_logits, self.task, self.per_member, name=name, n_units=self.n_units, allow_empty=True)
+
+    def _pass(self, canon: CanonicalLogits, *, prediction: bool = False, runner: bool = False) -> PassOutputs:
+        """This score (and labels) in one pass (:func:`seapig_core.kernels.score_pass`)."""
+        return _run_pass(canon, [self.name], self.T, prediction=prediction, runner=runner, ratio=False)
 
     def _scores(self, canon: CanonicalLogits) -> torch.Tensor:
-        return compute_scores(canon, self.kernel, self.T)
+        return self._pass(canon).scores[self.name]
 
     def score(self, query_logits: Any) -> torch.Tensor:
         """Uncertainty score of each sample; higher means more uncertain.
@@ -316,13 +358,13 @@ class LogitScore:
         -------
         torch.Tensor
             ``(N,)`` scores in the logits' float dtype (float32 for half precision or integers);
-            NaN for a sample with any non-finite logit.
+            NaN for a sample with any non-finite logit; empty ``(0,)`` for zero samples.
         """
         return self._scores(self._canonical_query(query_logits))
 
     def predict(self, query_logits: Any) -> torch.Tensor:
         """Predicted labels (see :func:`seapig_core.kernels.predict`); -1 for non-finite samples."""
-        return predict(self._canonical_query(query_logits), self.T)
+        return self._pass(self._canonical_query(query_logits), prediction=True).prediction
 
     def select(self, query_logits: Any) -> dict[str, torch.Tensor]:
         """Select samples whose score is below the threshold.
@@ -333,7 +375,8 @@ class LogitScore:
         Returns
         -------
         dict[str, torch.Tensor]
-            ``"score"``: ``(N,)`` scores; ``"selected"``: ``(N,)`` bool, True = predict.
+            ``"score"``: ``(N,)`` scores; ``"selected"``: ``(N,)`` bool, True = predict (empty
+            for zero samples). The logits are validated and read once.
 
         Raises
         ------
@@ -350,13 +393,17 @@ class LogitScore:
             )
             self.set_threshold(0.99)
         canon = self._canonical_query(query_logits)
-        scores = self._scores(canon)
+        outputs = self._pass(canon, runner=self._select_runner_up)
+        scores = outputs.scores[self.name]
         result = {"score": scores, "selected": scores < self.threshold}  # NaN < t is False
-        result.update(self._extra_outputs(canon))
+        result.update(self._extra_outputs(outputs))
         return result
 
-    def _extra_outputs(self, canon: CanonicalLogits) -> dict[str, torch.Tensor]:
-        """Per-sample outputs a subclass adds to :meth:`select`."""
+    #: Whether :meth:`select` also returns the runner-up label (see :meth:`_extra_outputs`).
+    _select_runner_up: ClassVar[bool] = False
+
+    def _extra_outputs(self, outputs: PassOutputs) -> dict[str, torch.Tensor]:
+        """Per-sample outputs a subclass adds to :meth:`select`, from the same pass."""
         return {}
 
     # ------------------------------------------------------------------ thresholds
@@ -385,20 +432,39 @@ class LogitScore:
         ValueError
             If ``q`` is not in (0, 1) or is NaN, no calibration scores are available (and no
             ``X``), or ``X`` is invalid.
+
+        Warns
+        -----
+        SelectionWarning
+            When the achieved coverage differs from ``q`` by more than one point (ties, e.g. a
+            softmax score saturated at -1.0 in float32; or too few samples), or nothing is
+            selected; also kept in :attr:`diagnostics`.
+
+        Notes
+        -----
+        Tied scores cannot be split. When the quantile falls on a tied group, the threshold is
+        the group's value (rejecting it) or the next representable value above it (selecting
+        it), whichever coverage is closer to ``q``, and never the one that selects nothing
+        while the other selects something (see :func:`seapig_core.scores.thresholds.quantile_threshold`).
+        Otherwise it is the plain (NaN-aware) quantile. The threshold is a value of the scores'
+        dtype.
         """
         q = check_open_unit(q, "q")
         if X is not None:
             canon = canonicalize(X, self.task, self.per_member, name="X", n_units=self.n_units, require_finite=True)
-            scores = self._scores(canon).detach().to("cpu", dtype=torch.float64).numpy()
+            scores = self._scores(canon)
         elif self.scores is None:
             raise ValueError("set_threshold() needs calibration scores: call fit() first.")
         else:
-            scores = self.scores.detach().to("cpu", dtype=torch.float64).numpy()
-        if not np.isfinite(scores).any():
-            raise ValueError("set_threshold() needs at least one finite calibration score. Got none.")
-        self.threshold = float(np.nanquantile(scores, q))
+            scores = self.scores
+        choice = quantile_threshold(
+            scores, q, score_name=self.name, saturation=self.saturation, temperature=self.T
+        )
+        self.threshold = choice.threshold
         self.quantile = q
         self.risk_threshold = None
+        self._threshold_diagnostics = list(choice.diagnostics)
+        emit(choice.diagnostics, stacklevel=3)
         return self
 
     def set_risk_threshold(
@@ -470,11 +536,17 @@ class LogitScore:
         canon = canonicalize(X, self.task, self.per_member, name="X", n_units=self.n_units, require_finite=True)
         labels = check_labels(Y, canon, name="Y")
         scores = self._scores(canon)
-        errors = prediction_errors(X, labels, task=self.task, temperature=self.T, per_member=self.per_member)
+        logits = canon.values.reshape(canon.input_shape)
+        errors = prediction_errors(logits, labels, task=self.task, temperature=self.T, per_member=self.per_member)
         result = guaranteed_risk_threshold(scores, errors, target_risk, delta, method=method)
         self.threshold = result.threshold
         self.quantile = None
         self.risk_threshold = result
+        found = [saturation_diagnostic(scores, self.name, self.saturation, self.T)]
+        if result.n_selected == 0:
+            found.append(nothing_selected_diagnostic(self.name, result.threshold, result.n_samples))
+        self._threshold_diagnostics = [item for item in found if item is not None]
+        emit(self._threshold_diagnostics, stacklevel=3)
         return self
 
     def get_threshold(self) -> float | None:
@@ -511,26 +583,203 @@ class LogitScore:
             score_name=f"{self.name} score",
         )
 
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Settings and fitted state as a JSON-able dict (no tensors).
+
+        Returns
+        -------
+        dict
+            ``class``, ``name``, ``settings`` (the constructor's arguments) and ``state``
+            (``threshold``, ``quantile``, ``n_units``, ``temperature_fit``, ``risk_threshold``,
+            ``diagnostics``, and ``logits_shape``, the calibration logits' shape, or None).
+            The calibration tensors are :meth:`calibration_tensors`; both together rebuild the
+            score with :meth:`from_state_dict`.
+        """
+        fit, risk = self.temperature_fit, self.risk_threshold
+        return {
+            "class": type(self).__name__,
+            "name": self.name,
+            "settings": {"temperature": self.temperature, "task": self.task, "per_member": self.per_member},
+            "state": {
+                "threshold": self.threshold,
+                "quantile": self.quantile,
+                "n_units": self.n_units,
+                "temperature_fit": None if fit is None else fit.to_dict(),
+                "risk_threshold": None if risk is None else risk.to_dict(),
+                "diagnostics": self.diagnostics,
+                "logits_shape": None if self.logits is None else list(self.logits.shape),
+            },
+        }
+
+    def calibration_tensors(self) -> dict[str, torch.Tensor | None]:
+        """The calibration tensors: ``scores``, ``logits`` and ``labels`` (each may be None)."""
+        return {"scores": self.scores, "logits": self.logits, "labels": self.labels}
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state: dict[str, Any],
+        scores: Any = None,
+        logits: Any = None,
+        labels: Any = None,
+    ) -> LogitScore:
+        """Rebuild a score from :meth:`state_dict` and (optionally) its calibration tensors.
+
+        Parameters
+        ----------
+        state : dict
+            As returned by :meth:`state_dict` (e.g. read back from JSON). Missing ``state``
+            entries mean "not set", so states of earlier versions load.
+        scores : torch.Tensor, optional
+            Calibration scores ``(N,)``.
+        logits : torch.Tensor, optional
+            Calibration logits, in the shape ``state["state"]["logits_shape"]`` or flattened to
+            ``(N, K * M)``. Leave out (with ``labels``) to load a score that only selects.
+        labels : torch.Tensor, optional
+            Canonical calibration labels (see :func:`seapig_core.layout.check_labels`).
+
+        Returns
+        -------
+        LogitScore
+            An instance of the class named by ``state["name"]``, which must be ``cls`` or a
+            subclass.
+
+        Raises
+        ------
+        ValueError
+            For an unknown score, a class other than ``cls``, malformed settings or state, or
+            tensors that do not fit the state (TypeError for wrong types).
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"The 'state' parameter must be a dict. Got {type(state).__name__} instead.")
+        name = state.get("name")
+        if name not in SCORES:
+            raise ValueError(f"The 'state' parameter names an unknown score {name!r}; known: {sorted(SCORES)}.")
+        score_cls = SCORES[name]
+        if not issubclass(score_cls, cls):
+            raise ValueError(f"The 'state' parameter holds a {score_cls.__name__}, not a {cls.__name__}.")
+        settings, fitted = state.get("settings") or {}, state.get("state") or {}
+        if not isinstance(settings, dict) or not isinstance(fitted, dict):
+            raise ValueError("The 'state' parameter must hold 'settings' and 'state' objects.")
+        unknown = set(settings) - {"temperature", "task", "per_member"}
+        if unknown:
+            raise ValueError(f"The 'state' parameter has unknown settings {sorted(unknown)}.")
+        score = score_cls(**settings)
+        score.threshold = _optional_float(fitted.get("threshold"), "threshold")
+        quantile = fitted.get("quantile")
+        score.quantile = None if quantile is None else check_open_unit(quantile, "quantile")
+        n_units = fitted.get("n_units")
+        if n_units is not None and (isinstance(n_units, bool) or not isinstance(n_units, int) or n_units < 1):
+            raise ValueError(f"The state's 'n_units' must be a positive integer or None. Got {n_units!r} instead.")
+        score.n_units = n_units
+        try:
+            if fitted.get("temperature_fit") is not None:
+                score.temperature_fit = TemperatureFit(**fitted["temperature_fit"])
+            if fitted.get("risk_threshold") is not None:
+                from seapig_core.risk import RiskThreshold
+
+                score.risk_threshold = RiskThreshold(**fitted["risk_threshold"])
+        except TypeError as exc:
+            raise ValueError(f"The 'state' parameter has a malformed temperature_fit or risk_threshold: {exc}") from exc
+        diagnostics = fitted.get("diagnostics") or []
+        if not isinstance(diagnostics, list) or not all(
+            isinstance(item, dict) and all(isinstance(item.get(key), str) for key in ("code", "message", "severity"))
+            for item in diagnostics
+        ):
+            raise ValueError("The state's 'diagnostics' must be a list of {'code', 'message', 'severity'} strings.")
+        # The temperature's diagnostics belong to the fit, the others to the threshold.
+        score._fit_diagnostics = [dict(i) for i in diagnostics if i["code"] in _FIT_CODES]
+        score._threshold_diagnostics = [dict(i) for i in diagnostics if i["code"] not in _FIT_CODES]
+        score._restore_tensors(scores, logits, labels, fitted.get("logits_shape"))
+        return score
+
+    def _restore_tensors(self, scores: Any, logits: Any, labels: Any, logits_shape: Any) -> None:
+        if scores is None:
+            if logits is not None or labels is not None:
+                raise ValueError("Calibration logits and labels need their calibration 'scores'.")
+            return
+        if not isinstance(scores, torch.Tensor) or scores.ndim != 1 or not scores.is_floating_point():
+            raise ValueError(f"The 'scores' parameter must be a 1-D float tensor. Got {_describe(scores)} instead.")
+        n = int(scores.shape[0])
+        if logits is not None:
+            if not isinstance(logits, torch.Tensor) or logits.ndim < 1 or int(logits.shape[0]) != n:
+                raise ValueError(
+                    f"The 'logits' parameter must be a tensor with one row per score ({n}). Got {_describe(logits)} instead."
+                )
+            if logits_shape is not None and tuple(logits.shape) != tuple(logits_shape):
+                if not (isinstance(logits_shape, list) and math.prod(logits_shape) == logits.numel()):
+                    raise ValueError(
+                        f"The 'logits' parameter ({_describe(logits)}) does not fit the state's logits_shape {logits_shape!r}."
+                    )
+                logits = logits.reshape(logits_shape)
+            canon = canonicalize(logits, self.task, self.per_member, name="logits", n_units=self.n_units)
+            self.logits = canon.values.reshape(canon.input_shape)
+            if labels is not None:
+                self.labels = check_labels(labels, canon, name="labels")
+        elif labels is not None:
+            if not isinstance(labels, torch.Tensor) or int(labels.shape[0]) != n:
+                raise ValueError(f"The 'labels' parameter must have one row per score ({n}). Got {_describe(labels)} instead.")
+            self.labels = labels
+        self.scores = scores
+
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: str | Path, *, include_logits: bool = True) -> Path:
         """Save settings and state to one schema-versioned Arrow IPC file (no pickle).
 
-        See :func:`seapig_core.persistence.save_score`.
-        """
-        from seapig_core.persistence import save_score
+        See :mod:`seapig_core.scores.state_file` for the format and
+        :func:`seapig_core.persistence.save_score`.
 
-        return save_score(self, path, include_logits=include_logits)
+        Parameters
+        ----------
+        path : str or Path
+            Destination file; its directory must exist. Replaced atomically.
+        include_logits : bool, default True
+            Store the calibration logits (needed to refit a threshold with labels, e.g.
+            ``set_risk_threshold``; scores, threshold and selection do not need them).
+        """
+        tensors = self.calibration_tensors()
+        state = self.state_dict()
+        if not include_logits:
+            tensors["logits"] = None
+            state["state"]["logits_shape"] = None
+        return state_file.write_state(path, state, **tensors)
 
     @classmethod
-    def load(cls, path: str | Path) -> LogitScore:
-        """Load a score saved with :meth:`save`; the file's class must be ``cls`` or a subclass."""
-        from seapig_core.persistence import load_score
+    def load(cls, path: str | Path, *, include_logits: bool = True) -> LogitScore:
+        """Load a score saved with :meth:`save`; the file's class must be ``cls`` or a subclass.
 
-        score = load_score(path)
-        if not isinstance(score, cls):
-            raise ValueError(f"{str(path)!r} holds a {type(score).__name__}, not a {cls.__name__}.")
-        return score
+        With ``include_logits=False`` the calibration logits and labels are not read (the score
+        scores, selects and re-thresholds by quantile, but cannot :meth:`set_risk_threshold`).
+        """
+        state, tensors = state_file.read_state(path, include_logits=include_logits)
+        name = state.get("name")
+        if name in SCORES and not issubclass(SCORES[name], cls):
+            raise ValueError(f"{str(path)!r} holds a {SCORES[name].__name__}, not a {cls.__name__}.")
+        try:
+            return cls.from_state_dict(state, **tensors)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{str(path)!r} holds an invalid score: {exc}") from exc
+
+
+#: Diagnostic codes of the fit (kept by :meth:`LogitScore.calibrate`); the others belong to a threshold.
+_FIT_CODES = frozenset({"temperature_at_bound"})
+
+
+def _optional_float(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"The state's {name!r} must be a finite number or None. Got {value!r} instead.")
+    return float(value)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"a {type(value).__name__}"
 
 
 class SoftmaxScore(LogitScore):
@@ -551,19 +800,23 @@ class SoftmaxScore(LogitScore):
     """
 
     name = "softmax"
+    saturation = -1.0
 
 
 class EntropyScore(LogitScore):
     """Predictive entropy of ``softmax(z / T)``, in nats.
 
     Binary: the Bernoulli entropy; multilabel: the largest per-label Bernoulli entropy. In
-    ``[0, log K]`` (``[0, log 2]`` for Bernoulli outputs).
+    ``[0, log K]`` (``[0, log 2]`` for Bernoulli outputs). Computed from logit differences with
+    the non-top terms summed on their own, so near-certain samples keep distinct entropies in
+    float32 (down to about 1e-38) where their top probability rounds to exactly 1.
 
     Reference: Shannon entropy of the predictive distribution, e.g. Lakshminarayanan et al.,
     "Simple and Scalable Predictive Uncertainty Estimation using Deep Ensembles", NeurIPS 2017.
     """
 
     name = "entropy"
+    saturation = 0.0
 
 
 class EnergyScore(LogitScore):
@@ -605,29 +858,75 @@ class CertaintyRatioScore(LogitScore):
     """Top-2 certainty ratio ("decision boundary score") ``p_(2) / p_(1)`` in ``(0, 1]``.
 
     1 means on the decision boundary. Computed from logits as ``exp(-(z_(1) - z_(2)) / T)``,
-    never by dividing probabilities (in float32 it underflows to 0 beyond a gap of about
-    ``87 T``). Binary and multilabel: ``min(p, 1 - p) / max(p, 1 - p) = exp(-|z| / T)``, the
-    largest over labels. :meth:`select` also returns the runner-up class as
-    ``"alternate_label"``.
+    never by dividing probabilities, so it stays distinct where float32 probabilities round
+    to 1 (it underflows to 0 only beyond a gap of about ``103 T``). Binary and multilabel:
+    ``min(p, 1 - p) / max(p, 1 - p) = exp(-|z| / T)``, the largest over labels.
+    :meth:`select` also returns the runner-up class as ``"alternate_label"``.
 
     Reference: Renumics Spotlight playbook, "Detect decision boundaries based on certainty
     ratios".
     """
 
     name = "certainty_ratio"
+    saturation = 0.0
+    _select_runner_up = True
 
     def alternate_label(self, query_logits: Any) -> torch.Tensor:
         """The runner-up class of each sample (see :func:`seapig_core.kernels.runner_up`)."""
-        return runner_up(self._canonical_query(query_logits), self.T)
+        return self._pass(self._canonical_query(query_logits), runner=True).runner_up
 
-    def _extra_outputs(self, canon: CanonicalLogits) -> dict[str, torch.Tensor]:
-        return {"alternate_label": runner_up(canon, self.T)}
+    def _extra_outputs(self, outputs: PassOutputs) -> dict[str, torch.Tensor]:
+        return {"alternate_label": outputs.runner_up}
+
+
+class ProbabilityMarginScore(LogitScore):
+    """Negative gap between the two largest probabilities, ``-(p_(1) - p_(2))`` of ``softmax(z / T)``.
+
+    The softmax lab's "confidence margin" (the seeds' Lab 03, "Logits and Softmax": "Small
+    margin between top-1 and top-2 signals uncertainty. Use margin for escalation, not just
+    top-1 probability"): ``sorted_probs[0] - sorted_probs[1]``, negated so that higher means
+    more uncertain. In ``[-1, 0]``; 0 on the decision boundary. Unlike :class:`MarginScore`
+    (the gap of the *logits*), it shrinks when the probability mass is spread over many
+    classes, so it ranks samples differently.
+
+    Computed from logits without forming the probabilities: with ``g = (z_(1) - z_(2)) / T``
+    and ``S = sum_k exp((z_k - z_(1)) / T)``, ``p_(1) = 1 / S`` and ``p_(2) = exp(-g) / S``, so
+    the score is ``expm1(-g) / S``.
+
+    - multiclass and two-logit binary: as above (for two logits ``-tanh(g / 2)``);
+    - single-logit binary: ``-|2 sigmoid(z / T) - 1| = -tanh(|z| / (2 T))``, the same gap
+      between ``p`` and ``1 - p``;
+    - multilabel: the label closest to its decision boundary,
+      ``-min_c |2 sigmoid(z_c / T) - 1|``;
+    - ``per_member=True``: computed per member and averaged, like every score.
+
+    Like the softmax score it saturates at -1 in float32 once ``p_(2)`` is below about 6e-8
+    (the value cannot be represented distinctly there); thresholds then warn (see
+    :meth:`set_threshold`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> ProbabilityMarginScore().score(torch.tensor([[2.0, 1.0, -1.0], [0.5, 0.5, 0.0]]))
+    tensor([-0.4459,  0.0000])
+    """
+
+    name = "probability_margin"
+    saturation = -1.0
 
 
 #: Score classes by registry name.
 SCORES: dict[str, type[LogitScore]] = {
     cls.name: cls
-    for cls in (SoftmaxScore, EntropyScore, EnergyScore, MarginScore, MaxLogitScore, CertaintyRatioScore)
+    for cls in (
+        SoftmaxScore,
+        EntropyScore,
+        EnergyScore,
+        MarginScore,
+        MaxLogitScore,
+        CertaintyRatioScore,
+        ProbabilityMarginScore,
+    )
 }
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from scipy.special import expit, logsumexp, softmax
 from scipy.stats import entropy
 
-SCORE_NAMES = ("softmax", "entropy", "energy", "margin", "max_logit", "certainty_ratio")
+SCORE_NAMES = ("softmax", "entropy", "energy", "margin", "max_logit", "certainty_ratio", "probability_margin")
 
 
 def _categorical(z: np.ndarray, name: str, T: float) -> float:
@@ -28,6 +28,10 @@ def _categorical(z: np.ndarray, name: str, T: float) -> float:
         return -z.max() / T
     if name == "certainty_ratio":
         return float(np.exp(-(top[0] - top[1]) / T))
+    if name == "probability_margin":
+        # The seeds' softmax lab: sorted_probs[0] - sorted_probs[1], negated.
+        sorted_probs = np.sort(p)[::-1]
+        return -(sorted_probs[0] - sorted_probs[1])
     raise KeyError(name)
 
 
@@ -44,6 +48,8 @@ def _bernoulli_label(z: float, name: str, T: float) -> float:
         return abs(z) / T
     if name == "max_logit":
         return z / T
+    if name == "probability_margin":
+        return abs(2.0 * p - 1.0)  # |p(1) - p(0)|
     raise KeyError(name)
 
 
@@ -63,6 +69,8 @@ def _bernoulli(z: np.ndarray, name: str, T: float, single: bool) -> float:
         return -per_label.max()
     if name == "certainty_ratio":
         return float(np.exp(-per_label.min()))
+    if name == "probability_margin":
+        return -per_label.min()  # the label closest to its decision boundary
     raise KeyError(name)
 
 

@@ -30,7 +30,7 @@ def test_unknown_task(task):
         ("binary", True, (20, 3, 2), r"task='binary' with a trailing member axis .*Got shape \(20, 3, 2\)"),
         ("multilabel", False, (20,), r"shape \(N, C\) for task='multilabel'\. Got shape \(20,\)"),
         ("multilabel", True, (20, 4), r"shape \(N, C, M\) for task='multilabel'"),
-        ("multiclass", False, (0, 4), r"at least one sample\. Got shape \(0, 4\)"),
+        ("multilabel", False, (20, 0), r"at least one logit per sample\. Got shape \(20, 0\)"),
     ],
 )
 @pytest.mark.parametrize("method", ["fit", "score"])
@@ -39,6 +39,22 @@ def test_wrong_dimensionality_for_the_task(task, per_member, shape, expected, me
     name = "X" if method == "fit" else "query_logits"
     with pytest.raises(ValueError, match=rf"The '{name}' parameter must .*{expected}"):
         getattr(score, method)(np.zeros(shape, dtype=np.float32))
+
+
+def test_fitting_on_zero_samples_is_an_error():
+    # Scoring zero samples gives empty results (tests/core/test_empty.py); fitting cannot.
+    for x in (np.zeros((0, 4), dtype=np.float32), torch.empty(0, 4)):
+        with pytest.raises(ValueError, match=r"The 'X' parameter must contain at least one sample\. Got shape \(0, 4\)"):
+            SoftmaxScore().fit(x)
+        with pytest.raises(ValueError, match=r"The 'X' parameter must contain at least one sample"):
+            SoftmaxScore().fit(x, np.zeros(0, dtype=int))
+    fitted = SoftmaxScore().fit(X)
+    with pytest.raises(ValueError, match=r"The 'X' parameter must contain at least one sample"):
+        fitted.calibrate(np.zeros((0, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"The 'X' parameter must contain at least one sample"):
+        fitted.set_threshold(0.9, X=np.zeros((0, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"The 'X' parameter must contain at least one sample"):
+        fitted.set_risk_threshold(0.1, X=np.zeros((0, 4), dtype=np.float32), Y=np.zeros(0, dtype=int))
 
 
 @pytest.mark.parametrize(

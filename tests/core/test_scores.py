@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from scipy.special import softmax
 
 import seapig_core
 from seapig_core import SCORES
@@ -30,6 +31,7 @@ def test_public_api_is_importable_from_every_documented_path():
         "MarginScore",
         "MaxLogitScore",
         "CertaintyRatioScore",
+        "ProbabilityMarginScore",
     ):
         cls = getattr(logits_module, name)
         assert getattr(seapig_core.scores, name) is cls
@@ -259,3 +261,30 @@ def test_entropy_grows_with_temperature(x, t):
     low = SCORES["entropy"](temperature=t).score(x).numpy()
     high = SCORES["entropy"](temperature=t * 1.5).score(x).numpy()
     assert (high >= low - 1e-12).all()
+
+
+def test_probability_margin_has_everything_the_other_scores_have(tmp_path, cifar100):
+    # Issue 11.3: registry, fit, quantile and guaranteed-risk thresholds, save/load, and the
+    # seeds' softmax-lab formula (sorted_probs[0] - sorted_probs[1], negated) in float64.
+    from seapig_core import ProbabilityMarginScore, load_score, make_score
+
+    logits, labels = cifar100
+    score = make_score("probability_margin")
+    assert isinstance(score, ProbabilityMarginScore) and SCORES["probability_margin"] is ProbabilityMarginScore
+    score.fit(logits[:4000], labels[:4000]).calibrate(logits[4000:8000], labels[4000:8000])
+    probs = softmax(logits[8000:].astype(np.float64) / score.T, axis=1)
+    top2 = np.sort(probs, axis=1)[:, -2:]
+    np.testing.assert_allclose(score.score(logits[8000:]).numpy(), -(top2[:, 1] - top2[:, 0]), rtol=1e-5, atol=1e-6)
+    score.set_threshold(0.9)
+    coverage = float(score.select(logits[4000:8000])["selected"].double().mean())
+    assert abs(coverage - 0.9) <= 1e-3
+    score.set_risk_threshold(0.1, delta=0.05)
+    assert score.risk_threshold.risk_bound <= 0.1 and score.risk_threshold.n_selected > 0
+    loaded = load_score(score.save(tmp_path / "pm.arrow"))
+    assert type(loaded) is ProbabilityMarginScore and loaded.threshold == score.threshold
+    torch.testing.assert_close(loaded.select(logits[8000:])["selected"], score.select(logits[8000:])["selected"])
+    # It ranks differently from the logit margin (spread-out mass shrinks the probability gap).
+    from scipy.stats import spearmanr
+
+    logit_margin = SCORES["margin"](temperature=score.T).score(logits[8000:]).numpy()
+    assert spearmanr(logit_margin, score.score(logits[8000:]).numpy()).statistic < 0.999
