@@ -6,13 +6,17 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
+from prefect.runtime import deployment
 
+from flows._parameters import describe_parameters
 from seapig_core.bundle import DEFAULT_KEEP_PREVIOUS, CalibrationSettings
 from seapig_core.sources import check_source
 from tasks import extract_logits_task, fit_selector_task, publish_calibration_artifacts
+from tasks.artifacts import log_calibration_diagnostics, pipeline_key
 
 
 @flow(name="calibration")
+@describe_parameters
 def calibration_flow(
     bundle_dir: str,
     logits_path: str | None = None,
@@ -43,6 +47,9 @@ def calibration_flow(
     validated before any work. If the bundle's current version was calibrated from the same
     content with the same settings and library version and loads cleanly, it is reused
     (``reused`` is True: nothing is refitted or written); a bundle that fails to load is refitted.
+    The bundle's calibration diagnostics (ties, nothing selected, a temperature at its bound,
+    ...) are logged as warnings; the artifacts' keys come from the deployment's name, or from
+    ``bundle_dir`` when run by hand (:mod:`tasks.artifacts`).
 
     Parameters
     ----------
@@ -99,12 +106,17 @@ def calibration_flow(
     )
     if isinstance(keep_previous, bool) or not isinstance(keep_previous, int) or keep_previous < 0:
         raise ValueError(f"The 'keep_previous' parameter must be a non-negative integer. Got {keep_previous!r} instead.")
+    pipeline = pipeline_key(deployment.name, bundle_dir)
     if check_source(logits_path, model, data, "logits_path") == "model":
         store = store_dir or str(Path(bundle_dir).parent / "logits")
-        extracted = extract_logits_task(model, data, store, model_kwargs, data_kwargs, "calibration", extract_options)
+        extracted = extract_logits_task(model, data, store, model_kwargs, data_kwargs, "calibration", extract_options, pipeline)
         if len(extracted) != 1:
             raise ValueError(f"The calibration data factory {data!r} must return one DataLoader. Got {len(extracted)} batches.")
         logits_path = extracted[0]["path"]
     result = fit_selector_task(logits_path, bundle_dir, settings, keep_previous)
-    publish_calibration_artifacts(result["version_path"], plot_dir)
+    log_calibration_diagnostics(result["calibration"])
+    publish_calibration_artifacts(
+        result["version_path"], plot_dir, pipeline=pipeline,
+        provenance={"bundle_dir": result["bundle_dir"], "input_files": [logits_path], "output_dir": result["bundle_dir"]},
+    )
     return result

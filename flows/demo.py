@@ -26,6 +26,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows._parameters import describe_parameters
 from flows.calibration import calibration_flow
 from flows.scoring import scoring_flow
 
@@ -33,6 +34,7 @@ DIGITS = "seapig_core.examples.digits"
 
 
 @flow(name="demo")
+@describe_parameters
 def demo_flow(
     output_dir: str = "demo_output",
     n_batches: int = 3,
@@ -108,7 +110,8 @@ def _print_summary(result: dict[str, Any], ui_url: str | None, flow_run_id: Any)
     print(f"  plots       {paths['plots']}/*.png")
     print(f"  bundle      {paths['bundle']}")
     print(f"  logits      {paths['logits']}   model weights  {paths['model']}")
-    print("\nReview the artifacts (calibration-summary, calibration-report, scoring-summary, scoring-report) in the Prefect UI:")
+    print("\nReview the artifacts (<pipeline>--calibration-report, <pipeline>--scoring-report, <pipeline>--review--<batch>, ...) "
+          "in the Prefect UI:")
     if ui_url:
         print(f"  {ui_url}/artifacts   (this run: {ui_url}/runs/flow-run/{flow_run_id})")
     else:

@@ -6,7 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
+from prefect.client.schemas.objects import State
+from prefect.runtime import deployment
 
+from flows._parameters import describe_parameters
+from seapig_core._validation import check_positive_int
+from seapig_core.drift import check_drift_thresholds
 from seapig_core.inbox import check_scoring_dirs
 from seapig_core.sources import check_source
 from tasks import (
@@ -16,6 +21,8 @@ from tasks import (
     publish_scoring_artifacts,
     score_batch_task,
 )
+from tasks.alerts import run_state
+from tasks.artifacts import pipeline_key
 
 
 class ScoringFailed(RuntimeError):
@@ -23,6 +30,7 @@ class ScoringFailed(RuntimeError):
 
 
 @flow(name="scoring")
+@describe_parameters
 def scoring_flow(
     bundle_dir: str,
     output_dir: str,
@@ -36,7 +44,10 @@ def scoring_flow(
     extract_options: dict[str, Any] | None = None,
     archive_dir: str | None = None,
     rescore_on_new_bundle: bool = False,
-) -> dict[str, Any]:
+    drift_thresholds: dict[str, Any] | None = None,
+    fail_on_drift: bool = False,
+    review_count: int = 10,
+) -> State:
     """Score every query batch not scored yet, with one bundle version; publish the review artifacts.
 
     The run resolves the bundle's current version once; every batch it scores is loaded from
@@ -47,7 +58,15 @@ def scoring_flow(
     ``<output_dir>/<batch>.selections.parquet``, written atomically. Batches that fail (retried
     by the next run) and inbox files that cannot be batches are named, with the reason, in the
     error that fails the run; the other batches are still written and reported. A run with
-    nothing new writes nothing and publishes no artifact.
+    nothing new writes nothing and publishes no artifact (its Completed state's message says
+    so).
+
+    Each batch gets a drift verdict (``drift_thresholds``). A drifted batch emits the
+    ``seapig.batch.drifted`` event and its task run ends "Drifted"; the run then ends in a
+    state named "Drift detected" (Completed, or Failed with ``fail_on_drift``) whose message
+    names the drifted batches (:mod:`tasks.alerts`). The artifacts (keys from the deployment's
+    name, or from ``output_dir`` when run by hand; :mod:`tasks.artifacts`): the verdict table,
+    the report with the trend of recent runs, and a review queue per batch.
 
     Parameters
     ----------
@@ -75,16 +94,30 @@ def scoring_flow(
     rescore_on_new_bundle : bool, default False
         Score again the inbox files that were scored with another bundle version (e.g. after a
         new calibration); by default a content is scored once, with the version current then.
+    drift_thresholds : dict, optional
+        Thresholds of the drift verdict, any of ``min_samples`` (100), ``alpha`` (0.001),
+        ``rate_margin`` (0.05), ``ks_statistic`` (0.1) and ``psi`` (0.25); the defaults of
+        :class:`seapig_core.drift.DriftThresholds` for the rest.
+    fail_on_drift : bool, default False
+        End the run Failed (state "Drift detected") instead of Completed when a batch drifted.
+    review_count : int, default 10
+        Rejected samples listed in each batch's review queue (most uncertain first).
 
     Returns
     -------
-    dict
+    State
+        Completed (named "Drift detected" when a batch drifted), or Failed with
+        ``fail_on_drift``; its result is a dict:
         ``bundle_version``, ``bundle_dir``, ``scored`` (per batch scored now: its summary),
         ``selections`` (batch -> selections file, for every batch scored now or before),
         ``busy`` (batches another run is scoring), ``duplicates`` (batch -> the batch with the
         same content) and ``gone`` (removed before they were planned, e.g. archived by another run).
     """
     source = check_source(logits_dir, model, data, "logits_dir")
+    thresholds = check_drift_thresholds(drift_thresholds, "drift_thresholds").to_dict()
+    review_count = check_positive_int(review_count, "review_count")
+    if not isinstance(fail_on_drift, bool):
+        raise TypeError(f"The 'fail_on_drift' parameter must be true or false. Got {type(fail_on_drift).__name__} instead.")
     if archive_dir is not None and source != "files":
         raise ValueError(
             f"The 'archive_dir' parameter moves inbox files, so it needs 'logits_dir'. Got archive_dir={archive_dir!r} "
@@ -92,27 +125,38 @@ def scoring_flow(
         )
     bundle = check_bundle_task(bundle_dir)
     check_scoring_dirs(output_dir, logits_dir, archive_dir)
+    pipeline = pipeline_key(deployment.name, output_dir)
     if source == "files":
         batches: str | dict[str, str] = logits_dir  # type: ignore[assignment]
     else:
         store = store_dir or str(Path(output_dir).parent / "logits")
-        extracted = extract_logits_task(model, data, store, model_kwargs, data_kwargs, "query", extract_options)
+        extracted = extract_logits_task(model, data, store, model_kwargs, data_kwargs, "query", extract_options, pipeline)
         batches = {entry["batch"]: entry["path"] for entry in extracted}
     plan = plan_scoring_task(batches, output_dir, bundle["version"], rescore_on_new_bundle)
     get_run_logger().info(plan.describe())
-    futures = score_batch_task.map(list(plan.claims), unmapped(bundle["version_path"]), unmapped(output_dir), unmapped(archive_dir))
+    futures = score_batch_task.map(
+        list(plan.claims), unmapped(bundle["version_path"]), unmapped(output_dir), unmapped(archive_dir),
+        unmapped(thresholds), unmapped(pipeline),
+    )
     futures.wait()
     scored = [future.result() for future in futures if future.state.is_completed()]
     failed = {claim.batch: future.state.message for claim, future in zip(plan.claims, futures, strict=True) if not future.state.is_completed()}
     if scored:
-        publish_scoring_artifacts(bundle["version_path"], {entry["batch"]: entry["path"] for entry in scored}, plot_dir)
+        inputs = {claim.batch: claim.input_path for claim in plan.claims}
+        publish_scoring_artifacts(
+            bundle["version_path"], {entry["batch"]: entry["path"] for entry in scored}, plot_dir, pipeline=pipeline,
+            output_dir=output_dir, thresholds=thresholds, review_count=review_count, score=bundle["primary"],
+            provenance={"bundle_dir": bundle["bundle_dir"], "input_files": {e["batch"]: inputs[e["batch"]] for e in scored}},
+        )
+    drifted = [entry["batch"] for entry in scored if entry.get("verdict") == "drift"]
     if failed or plan.refused:
         counts = ([f"{len(failed)} of {len(plan.claims)} claimed query batch(es) failed and will be retried by the next run"] if failed else []) + (
             [f"{len(plan.refused)} inbox file(s) were refused and stay in the inbox"] if plan.refused else []
         )
         details = [f"{batch}: {message}" for batch, message in failed.items()] + [f"{file}: {why}" for file, why in plan.refused.items()]
-        raise ScoringFailed(f"{'; '.join(counts)} ({len(scored)} batch(es) were scored). " + "; ".join(details))
-    return {
+        drift = f" Drift detected in: {', '.join(drifted)}." if drifted else ""
+        raise ScoringFailed(f"{'; '.join(counts)} ({len(scored)} batch(es) were scored).{drift} " + "; ".join(details))
+    result = {
         "bundle_version": bundle["version"],
         "bundle_dir": bundle["bundle_dir"],
         "scored": scored,
@@ -121,3 +165,4 @@ def scoring_flow(
         "duplicates": plan.duplicates,
         "gone": list(plan.gone),
     }
+    return run_state(result, fail_on_drift=fail_on_drift, nothing_new=plan.describe())

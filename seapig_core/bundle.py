@@ -1142,14 +1142,17 @@ def fit_selector(
     }
     per_score: dict[str, dict[str, Any]] = {name: {"threshold": float(sc.threshold)} for name, sc in fitted.items()}  # type: ignore[arg-type]
     if Y_thr is not None:
-        errors = metrics.prediction_errors(X_thr, Y_thr, task=task, temperature=T_used, per_member=per_member)
+        # Validated once; every metric reads the same canonical layout (never re-validated).
+        canon_thr = canonicalize(X_thr, task, per_member, name="logits", require_finite=True)
+        y_thr = check_labels(Y_thr, canon_thr, name="labels")
+        errors = metrics.prediction_errors(canon_thr, y_thr, temperature=T_used)
         calibration.update(
             accuracy=float(1.0 - errors.mean()),
-            nll_before=metrics.negative_log_likelihood(X_thr, Y_thr, task=task, temperature=1.0, per_member=per_member),
-            nll_after=metrics.negative_log_likelihood(X_thr, Y_thr, task=task, temperature=T_used, per_member=per_member),
-            ece_before=float(metrics.expected_calibration_error(X_thr, Y_thr, task=task, temperature=1.0, per_member=per_member, n_bins=s.n_bins)),
-            ece_after=float(metrics.expected_calibration_error(X_thr, Y_thr, task=task, temperature=T_used, per_member=per_member, n_bins=s.n_bins)),
-            brier_after=float(metrics.brier_score(X_thr, Y_thr, task=task, temperature=T_used, per_member=per_member)),
+            nll_before=metrics.negative_log_likelihood(canon_thr, y_thr, temperature=1.0),
+            nll_after=metrics.negative_log_likelihood(canon_thr, y_thr, temperature=T_used),
+            ece_before=float(metrics.expected_calibration_error(canon_thr, y_thr, temperature=1.0, n_bins=s.n_bins)),
+            ece_after=float(metrics.expected_calibration_error(canon_thr, y_thr, temperature=T_used, n_bins=s.n_bins)),
+            brier_after=float(metrics.brier_score(canon_thr, y_thr, temperature=T_used)),
         )
         for name, sc in fitted.items():
             rc = metrics.risk_coverage(sc.scores, errors)
@@ -1163,6 +1166,11 @@ def fit_selector(
     calibration["threshold"] = float(primary.threshold)  # type: ignore[arg-type]
     calibration["coverage"] = float(np.mean(primary_scores < primary.threshold))
     calibration["per_score"] = per_score
+    # What the scores warned about while fitting (ties, saturation, a temperature at its bound,
+    # nothing selected): kept in the manifest so the reports and the flow's logs show it.
+    calibration["diagnostics"] = [
+        {**item, "score": name} for name, sc in fitted.items() for item in sc.diagnostics
+    ]
     return SelectorBundle(
         scores=fitted,
         q=s.q,

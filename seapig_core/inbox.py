@@ -231,6 +231,7 @@ def score_claim(
     output_dir: str | os.PathLike[str],
     *,
     archive_dir: str | os.PathLike[str] | None = None,
+    thresholds: Any = None,
 ) -> dict[str, Any]:
     """Score one claimed batch, archive its input if asked, and record the outcome in the ledger.
 
@@ -245,6 +246,9 @@ def score_claim(
         The selections directory (the ledger's).
     archive_dir : str or os.PathLike, optional
         Move the input there once its selections are written (:func:`archive_input`).
+    thresholds : DriftThresholds or mapping, optional
+        The drift verdict's thresholds (:func:`seapig_core.pipeline.score_file`); the ledger
+        records the verdict they give.
 
     Returns
     -------
@@ -259,7 +263,7 @@ def score_claim(
     """
     ledger = Ledger(output_dir)
     try:
-        result = score_file(bundle_path, claim.input_path, output_dir, claim.batch)
+        result = score_file(bundle_path, claim.input_path, output_dir, claim.batch, thresholds=thresholds)
         now = ledger.fingerprints({claim.batch: claim.input_path})[claim.batch]  # stat-cached: no re-read if unchanged
         if now != claim.content_sha256:
             raise ValueError(

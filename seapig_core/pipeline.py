@@ -150,6 +150,8 @@ def score_file(
     logits_path: str | os.PathLike[str],
     output_dir: str | os.PathLike[str],
     batch: str,
+    *,
+    thresholds: Any = None,
 ) -> dict[str, Any]:
     """Score and select one query batch; write ``<output_dir>/<batch>.selections.parquet``.
 
@@ -160,7 +162,9 @@ def score_file(
     version while calibrations switch the bundle's pointer; pass the root for its current version.
 
     The file is written atomically and replaces an earlier file of the same batch; if anything
-    fails, no partial file is left and the earlier file is kept.
+    fails, no partial file is left and the earlier file is kept. ``thresholds`` (a
+    :class:`seapig_core.drift.DriftThresholds` or a mapping of its fields; the defaults when
+    omitted) set the summary's drift verdict.
 
     Returns
     -------
@@ -191,7 +195,7 @@ def score_file(
         "logits_sha256": content_fingerprint(logits_path),
     }
     path = write_selections(table, selections_path(output_dir, batch), metadata=metadata)
-    return {"batch": batch, "path": str(path), **provenance, **summarize_selections(bundle, table)}
+    return {"batch": batch, "path": str(path), **provenance, **summarize_selections(bundle, table, thresholds)}
 
 
 def calibration_review(

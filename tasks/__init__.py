@@ -4,19 +4,37 @@ They pass file paths and small JSON summaries, never large tensors. None uses a 
 extraction is cached by the logits store, calibration by the bundle (a clean, matching version
 is reused), scoring by the ledger of the output directory (each input content is scored once);
 each verifies what it serves.
+
+The names below are imported on first use (PEP 562), so that a flow needing one light module
+(the drift alert: :mod:`tasks.alerts`, :mod:`tasks.keys`) does not load torch through the others.
 """
 
-from tasks.artifacts import publish_calibration_artifacts, publish_scoring_artifacts
-from tasks.extraction import extract_logits_task
-from tasks.inbox import plan_scoring_task, score_batch_task
-from tasks.selection import check_bundle_task, fit_selector_task
+from __future__ import annotations
 
-__all__ = [
-    "check_bundle_task",
-    "extract_logits_task",
-    "fit_selector_task",
-    "plan_scoring_task",
-    "publish_calibration_artifacts",
-    "publish_scoring_artifacts",
-    "score_batch_task",
-]
+import importlib
+from typing import Any
+
+_SOURCES = {
+    "check_bundle_task": "tasks.selection",
+    "extract_logits_task": "tasks.extraction",
+    "fit_selector_task": "tasks.selection",
+    "plan_scoring_task": "tasks.inbox",
+    "publish_calibration_artifacts": "tasks.artifacts",
+    "publish_drift_alert": "tasks.alerts",
+    "publish_scoring_artifacts": "tasks.artifacts",
+    "score_batch_task": "tasks.inbox",
+}
+
+__all__ = sorted(_SOURCES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SOURCES:
+        raise AttributeError(f"module 'tasks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_SOURCES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SOURCES))

@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from seapig_core.sources import extract_from_factories
 from tasks._support import ProgressArtifact, retry_unless_bad_input
+from tasks.keys import EXTRACTION_PROGRESS, artifact_key, pipeline_key
 
 
 # No Prefect cache: the logits store is the cache, keyed on the model's weights, the data's
@@ -29,9 +30,14 @@ def extract_logits_task(
     data_kwargs: dict[str, Any] | None = None,
     default_batch: str = "query",
     extract_options: dict[str, Any] | None = None,
+    pipeline: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Extract every batch of a model (import path) over a data source (import path) into the logits store."""
-    progress = ProgressArtifact("extraction-progress", f"Extracting logits of {data} with {model}")
+    """Extract every batch of a model (import path) over a data source (import path) into the logits store.
+
+    The progress artifact's key is ``<pipeline>--extraction-progress`` (:mod:`tasks.artifacts`).
+    """
+    key = artifact_key(pipeline or pipeline_key(None, store_dir), EXTRACTION_PROGRESS)
+    progress = ProgressArtifact(key, f"Extracting logits of {data} with {model}")
     batches = extract_from_factories(
         model, data, store_dir, model_kwargs=model_kwargs, data_kwargs=data_kwargs, default_batch=default_batch,
         progress_callback=progress, progress=False, **(extract_options or {}),

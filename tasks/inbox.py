@@ -11,10 +11,13 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
 from prefect.runtime import deployment, flow_run
 
 from seapig_core.inbox import ScoringPlan, plan_scoring, score_claim
 from seapig_core.ledger import Claim
+from tasks.alerts import batch_state
+from tasks.keys import pipeline_key
 
 
 @task(name="plan-scoring", cache_policy=NO_CACHE)
@@ -29,6 +32,17 @@ def plan_scoring_task(
 
 
 @task(name="score-batch", task_run_name="score-{claim.batch}", cache_policy=NO_CACHE)
-def score_batch_task(claim: Claim, bundle_path: str, output_dir: str, archive_dir: str | None = None) -> dict[str, Any]:
-    """Score one claimed batch with the run's bundle version, archive it if asked, and record it in the ledger."""
-    return score_claim(claim, bundle_path, output_dir, archive_dir=archive_dir)
+def score_batch_task(
+    claim: Claim,
+    bundle_path: str,
+    output_dir: str,
+    archive_dir: str | None = None,
+    thresholds: dict[str, Any] | None = None,
+    pipeline: str | None = None,
+) -> dict[str, Any] | State:
+    """Score one claimed batch with the run's bundle version, archive it if asked, and record it in the ledger.
+
+    A drifted batch emits the drift event and ends "Drifted" (:func:`tasks.alerts.batch_state`).
+    """
+    result = score_claim(claim, bundle_path, output_dir, archive_dir=archive_dir, thresholds=thresholds)
+    return batch_state(result, pipeline=pipeline or pipeline_key(None, output_dir), output_dir=output_dir, input_file=claim.input_path)

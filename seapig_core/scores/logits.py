@@ -496,7 +496,11 @@ class LogitScore:
             Labelled finite logits, scored at the current temperature: the split protocol (see
             the class docstring). Both or neither; by default the calibration logits and labels
             of :meth:`fit`, which then also fitted the temperature (biased; prefer a split).
-        method : {"sgr"}, default "sgr"
+        method : {"sgr", "ltt"}, default "sgr"
+            ``"sgr"``: Selection with Guaranteed Risk (a binary search of a Clopper-Pearson bound);
+            ``"ltt"``: Learn-then-Test with fixed-sequence testing from the most confident side,
+            which does not assume the bound is monotone in coverage (see :mod:`seapig_core.risk`
+            for when to choose which).
 
         Returns
         -------
@@ -536,8 +540,7 @@ class LogitScore:
         canon = canonicalize(X, self.task, self.per_member, name="X", n_units=self.n_units, require_finite=True)
         labels = check_labels(Y, canon, name="Y")
         scores = self._scores(canon)
-        logits = canon.values.reshape(canon.input_shape)
-        errors = prediction_errors(logits, labels, task=self.task, temperature=self.T, per_member=self.per_member)
+        errors = prediction_errors(canon, labels, temperature=self.T)
         result = guaranteed_risk_threshold(scores, errors, target_risk, delta, method=method)
         self.threshold = result.threshold
         self.quantile = None
@@ -581,6 +584,7 @@ class LogitScore:
             bins=bins,
             title=f"{type(self).__name__} (T = {self.T:.3g}, task = {self.task})",
             score_name=f"{self.name} score",
+            score=self.name,
         )
 
     # ------------------------------------------------------------------ state

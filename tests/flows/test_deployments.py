@@ -29,15 +29,33 @@ def test_every_deployment_loads_its_entrypoint(config: dict, monkeypatch: pytest
     names = set()
     for deployment in _deployments(config):
         flow = load_flow_from_entrypoint(deployment["entrypoint"], use_placeholder_flow=False)
-        assert flow.name == deployment["entrypoint"].split(":")[1].removesuffix("_flow")
+        assert flow.name == deployment["entrypoint"].split(":")[1].removesuffix("_flow").replace("_", "-")
         parameters = deployment.get("parameters", {})
         signature = inspect.signature(flow.fn)
         assert set(parameters) <= set(signature.parameters), deployment["name"]
-        flow.validate_parameters(parameters)  # types and required parameters
+        # Types and required parameters; a deployment run by its trigger gets them from the event.
+        from_trigger = {name: {} if name == "details" else "x" for t in deployment.get("triggers") or [] for name in t["parameters"]}
+        flow.validate_parameters({**parameters, **from_trigger})
         assert deployment["work_pool"]["name"] == "seapig-process"
         assert deployment.get("description")
         names.add(f"{flow.name}/{deployment['name']}")
-    assert {"calibration/digits-calibration", "scoring/digits-scoring", "demo/digits-demo"} <= names
+    assert {"calibration/digits-calibration", "scoring/digits-scoring", "demo/digits-demo", "drift-alert/drift-alert"} <= names
+
+
+def test_scoring_deployments_set_the_drift_verdict_and_the_alert_reacts_to_drift(config: dict) -> None:
+    """Issue 9, item 1: the thresholds and the alerting are deployment parameters; the automation is in the file."""
+    from seapig_core.drift import DriftThresholds
+    from tasks.alerts import DRIFT_EVENT
+
+    by_name = {d["name"]: d for d in _deployments(config)}
+    for name in ("digits-scoring", "inbox-scoring"):
+        parameters = by_name[name]["parameters"]
+        assert DriftThresholds.from_dict(parameters["drift_thresholds"]) == DriftThresholds(), name  # the documented defaults
+        assert parameters["fail_on_drift"] is False and parameters["review_count"] == 10, name
+    (trigger,) = by_name["drift-alert"]["triggers"]
+    assert trigger["expect"] == [DRIFT_EVENT] and trigger["match"] == {"prefect.resource.id": "seapig.batch.*"}
+    assert trigger["parameters"] == {"batch": "{{ event.payload.batch }}", "details": "{{ event.payload }}"}
+    assert not by_name["drift-alert"].get("schedules")
 
 
 def test_scoring_runs_on_a_cron_schedule_and_calibration_on_demand(config: dict) -> None:

@@ -26,6 +26,7 @@ from seapig_core.bundle import bundle_versions, load_bundle
 from seapig_core.ledger import LEDGER_NAME, Ledger
 from seapig_core.pipeline import calibrate_file
 from seapig_core.selections import read_selections
+from tasks.artifacts import artifact_kind
 from tests.flows.harness import DIGITS, read_artifacts, read_logs, read_task_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
@@ -166,7 +167,7 @@ def test_nothing_new_writes_nothing_and_a_changed_file_is_rescored(bundle: dict,
     _inbox(inbox, ["batch-00", "batch-01", "batch-02"])
     first = scoring_flow(bundle_dir=bundle["bundle_dir"], output_dir=str(out), logits_dir=str(inbox), return_state=True)
     assert _score_runs(first) == ["score-batch-00", "score-batch-01", "score-batch-02"]
-    assert {"scoring-summary", "scoring-report"} <= set(read_artifacts(first.state_details.flow_run_id))
+    assert {"scoring-summary", "scoring-report"} <= {artifact_kind(k) for k in read_artifacts(first.state_details.flow_run_id)}
     before = _stats(out)
     assert LEDGER_NAME in before
 
@@ -196,10 +197,10 @@ def test_archive_refused_files_and_a_retried_batch(bundle: dict, tmp_path: Path,
     os.symlink(tmp_path / "secret.npy", inbox / "link.npy")  # outside the inbox: refused
     real = inbox_module.score_file
 
-    def flaky(bundle_path, logits_path, output_dir, batch):
+    def flaky(bundle_path, logits_path, output_dir, batch, **kwargs):
         if batch == "b":
             raise OSError(5, "Input/output error")
-        return real(bundle_path, logits_path, output_dir, batch)
+        return real(bundle_path, logits_path, output_dir, batch, **kwargs)
 
     monkeypatch.setattr(inbox_module, "score_file", flaky)
     state = scoring_flow(
@@ -212,7 +213,7 @@ def test_archive_refused_files_and_a_retried_batch(bundle: dict, tmp_path: Path,
     assert sorted(p.name for p in inbox.iterdir()) == ["b.npy", "link.npy"]  # nothing lost
     entries = {e.batch: e for e in Ledger(out).entries()}
     assert entries["b"].state == "failed" and entries["a"].state == "done"
-    assert "scoring-report" in read_artifacts(state.state_details.flow_run_id)  # the others are still reported
+    assert "scoring-report" in {artifact_kind(k) for k in read_artifacts(state.state_details.flow_run_id)}  # the others are still reported
 
     monkeypatch.undo()
     os.unlink(inbox / "link.npy")
@@ -239,11 +240,11 @@ def test_a_calibration_during_a_run_does_not_change_the_version_it_scores_with(
     recalibrated: dict = {}
     once = threading.Lock()  # the batches are scored on several threads
 
-    def recalibrate_first(bundle_path, logits_path, output_dir, batch):
+    def recalibrate_first(bundle_path, logits_path, output_dir, batch, **kwargs):
         with once:
             if not recalibrated:  # a calibration finishes while the run is in flight
                 recalibrated.update(calibrate_file(calibration, bundle["bundle_dir"], scores=["softmax", "energy"], q=0.5))
-        return real(bundle_path, logits_path, output_dir, batch)
+        return real(bundle_path, logits_path, output_dir, batch, **kwargs)
 
     monkeypatch.setattr(inbox_module, "score_file", recalibrate_first)
     result = scoring_flow(bundle_dir=bundle["bundle_dir"], output_dir=str(out), logits_dir=str(inbox))

@@ -18,6 +18,7 @@ from seapig_core._io import is_temporary_name
 from seapig_core.bundle import MANIFEST_NAME, load_bundle
 from seapig_core.ledger import Ledger
 from seapig_core.selections import read_selections
+from tasks.artifacts import artifact_kind
 from tests.flows.harness import DIGITS, read_artifacts, read_logs, read_task_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
@@ -32,6 +33,11 @@ def _pngs(markdown: str) -> list[bytes]:
 def _table(artifact) -> list[dict]:
     data = artifact.data
     return json.loads(data) if isinstance(data, str) else data
+
+
+def _by_kind(flow_run_id) -> dict:
+    """A run's artifacts by kind (keys are ``<pipeline>--<kind>[--<batch>]``, tasks/artifacts.py)."""
+    return {artifact_kind(key): artifact for key, artifact in read_artifacts(flow_run_id).items()}
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +60,18 @@ def test_calibration_flow_writes_bundle_and_artifacts(calibrated: dict) -> None:
     assert bundle.threshold_source == "risk" and bundle.risk_threshold["risk_bound"] <= 0.05
     assert calibrated["result"]["manifest_sha256"] == bundle.manifest_sha256
 
-    artifacts = read_artifacts(calibrated["flow_run_id"])
+    artifacts = _by_kind(calibrated["flow_run_id"])
     assert {"calibration-summary", "calibration-report", "extraction-progress"} <= set(artifacts)
     assert artifacts["extraction-progress"].data == pytest.approx(100.0)
 
-    rows = {row["metric"]: row["value"] for row in _table(artifacts["calibration-summary"])}
+    rows = {row["metric"]: row["value"] for row in _table(artifacts["calibration-summary"])}  # formatted for display
     for key in ("samples", "accuracy", "temperature", "nll_before", "nll_after", "ece_before", "ece_after",
                 "aurc", "threshold", "coverage", "guaranteed_threshold", "risk_bound"):
         assert key in rows, key
-    assert rows["samples"] == 629 and rows["samples_threshold"] + rows["samples_temperature"] == 629
-    assert rows["nll_after"] <= rows["nll_before"]
-    assert rows["guaranteed_threshold"] == pytest.approx(bundle.threshold, rel=1e-5)
+    calibration = calibrated["result"]["calibration"]
+    assert rows["samples"] == "629" and calibration["samples_threshold"] + calibration["samples_temperature"] == 629
+    assert calibration["nll_after"] <= calibration["nll_before"]
+    assert float(rows["guaranteed_threshold"]) == pytest.approx(bundle.threshold, rel=1e-3)
 
     markdown = artifacts["calibration-report"].data
     images = _pngs(markdown)
@@ -91,17 +98,18 @@ def test_scoring_flow_from_model_and_data(calibrated: dict, digits: dict[str, Pa
     assert table["selected"].any() and (~table["selected"]).any()
     assert len(table) == 750 and table["sample_id"].is_unique
 
-    artifacts = read_artifacts(state.state_details.flow_run_id)
-    assert {"scoring-summary", "scoring-report", "extraction-progress"} <= set(artifacts)
-    rows = _table(artifacts["scoring-summary"])
-    assert [row["batch"] for row in rows] == ["batch-000", "batch-001", "batch-002"]
-    for row in rows:
+    artifacts = _by_kind(state.state_details.flow_run_id)
+    assert {"scoring-summary", "scoring-report", "extraction-progress", "review"} <= set(artifacts)
+    rows = _table(artifacts["scoring-summary"])  # formatted for display, drifted batches first
+    assert sorted(row["batch"] for row in rows) == ["batch-000", "batch-001", "batch-002"]
+    assert all(row["samples"] == "250" for row in rows)
+    for row in state.result()["scored"]:  # the raw numbers
         assert row["samples"] == row["selected"] + row["rejected"] == 250
         assert row["expected_rejection_rate"] == pytest.approx(1 - load_bundle(calibrated["bundle"]).calibration["coverage"], rel=1e-5)
         assert 0.0 <= row["ks_statistic"] <= 1.0
     markdown = artifacts["scoring-report"].data
-    assert len(_pngs(markdown)) == 3 and "batch-002" in markdown
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [f"batch-00{i}-density.png" for i in range(3)]
+    assert len(_pngs(markdown)) == 4 and "batch-002" in markdown and "![trend](" in markdown  # 3 densities + the trend
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [f"batch-00{i}-density.png" for i in range(3)] + ["scoring-trend.png"]
 
 
 def test_rerunning_with_nothing_new_keeps_the_outputs(calibrated: dict, digits: dict[str, Path], tmp_path: Path) -> None:
@@ -168,7 +176,7 @@ def test_scoring_a_batch_with_another_class_count_fails_clearly(calibrated: dict
     assert state.is_failed()
     assert "wide" in state.message and "10 logits per sample" in state.message and "12 per sample" in state.message
     assert sorted(p.name for p in out.glob("*.parquet")) == ["batch-000.selections.parquet"]  # the good batch is still written
-    assert "scoring-report" in read_artifacts(state.state_details.flow_run_id)
+    assert "scoring-report" in _by_kind(state.state_details.flow_run_id)
 
 
 def test_calibration_from_a_logits_file(digits: dict[str, Path], tmp_path: Path) -> None:
