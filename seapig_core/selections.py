@@ -85,12 +85,14 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 
 def _columns(bundle: SelectorBundle, out: PassOutputs, sample_ids: np.ndarray) -> dict[str, np.ndarray]:
     """The selections columns of one scored chunk (multilabel ``prediction`` stays 2-D here)."""
-    primary = out.scores[bundle.primary_name]
+    primary = _numpy(out.scores[bundle.primary_name])
+    # Comparisons in NumPy: the same float32 (or float64) comparison as the scores' select(),
+    # without a torch parallel region per chunk (milliseconds each on a busy host).
     columns: dict[str, np.ndarray] = {
         "sample_id": sample_ids,
         "prediction": _numpy(out.prediction),  # type: ignore[arg-type]
-        "score": _numpy(primary),
-        "selected": _numpy(primary < bundle.threshold),  # NaN < t is False: never selected
+        "score": primary,
+        "selected": primary < bundle.threshold,  # NaN < t is False: never selected
         "alternate_label": _numpy(out.runner_up),  # type: ignore[arg-type]
         "certainty_ratio": _numpy(out.certainty_ratio),  # type: ignore[arg-type]
     }
@@ -258,7 +260,10 @@ class SelectionsWriter:
         stack = contextlib.ExitStack()
         try:
             tmp = stack.enter_context(atomic_path(self.path))
-            self._writer = pq.ParquetWriter(str(tmp), self.schema)
+            # Dictionary encoding only where it pays (labels: at most K distinct values); on scores
+            # and ids it builds a dictionary per column chunk only to give it up (2.3x the write time).
+            labels = [name for name in ("prediction", "alternate_label") if name in self.schema.names]
+            self._writer = pq.ParquetWriter(str(tmp), self.schema, use_dictionary=labels)
         except BaseException:
             stack.close()
             raise
@@ -473,16 +478,39 @@ class SelectionSummary:
                 self._kept = None
         ref = self._reference()
         if values.size and ref.size:
-            low = np.searchsorted(ref.values, values, side="left")
-            equal = np.searchsorted(ref.values, values, side="right") > low
-            self._equal += np.bincount(low[equal], minlength=ref.values.size)
-            self._between += np.bincount(low[~equal], minlength=ref.values.size + 1)
-            self._psi += np.bincount(np.searchsorted(ref.edges, values, side="right"), minlength=ref.edges.size + 1)
+            ordered = np.sort(values)
+            if ref.values.size < ordered.size:  # search the fewer values among the more
+                below = np.searchsorted(ordered, ref.values, side="left")  # query scores < each calibration value
+                at_or_below = np.searchsorted(ordered, ref.values, side="right")
+                self._equal += at_or_below - below
+                self._between += np.r_[below, ordered.size] - np.r_[0, at_or_below]  # in (c_{j-1}, c_j)
+            else:
+                low = np.searchsorted(ref.values, ordered, side="left")
+                equal = ref.values[np.minimum(low, ref.values.size - 1)] == ordered  # at a calibration value
+                self._equal += np.bincount(low[equal], minlength=ref.values.size)
+                self._between += np.bincount(low[~equal], minlength=ref.values.size + 1)
+            # PSI bin b holds edges[b - 1] <= x < edges[b]
+            self._psi += np.diff(np.r_[0, np.searchsorted(ordered, ref.edges, side="left"), ordered.size])
         rejected = ~selected | ~finite
         if rejected.any():
-            self._offer(columns, np.flatnonzero(rejected), start)
+            self._offer(columns, np.flatnonzero(rejected), start, score[rejected])
 
-    def _offer(self, columns: Mapping[str, Any], rows: np.ndarray, start: int) -> None:
+    def _offer(self, columns: Mapping[str, Any], rows: np.ndarray, start: int, scores: np.ndarray) -> None:
+        if rows.size > self.queue_rows:
+            # Only rows that can make the queue: the first non-finite ones (input order), and the
+            # highest scores down to the queue_rows-th, ties included (the ratio and the position
+            # break them later).
+            non_finite = ~np.isfinite(scores)
+            keep = np.flatnonzero(non_finite)[: self.queue_rows]
+            finite = np.flatnonzero(~non_finite)
+            room = self.queue_rows - keep.size
+            if room > 0 and finite.size:
+                values = scores[finite]
+                if finite.size > room:
+                    cut = np.partition(values, finite.size - room)[finite.size - room]
+                    finite = finite[values >= cut]
+                keep = np.concatenate([keep, finite])
+            rows = rows[np.sort(keep)]
         candidate = {name: np.asarray(columns[name])[rows] if name in columns else np.full(rows.size, np.nan)
                      for name in _QUEUE_FIELDS}
         candidate["_position"] = rows.astype(np.int64) + start

@@ -411,7 +411,8 @@ def test_probability_marks_must_agree_and_bad_probabilities_name_the_file_and_ro
 # ----------------------------------------------------------------------------- summaries
 
 
-def test_the_streamed_summary_equals_the_whole_batch_one_beyond_the_exact_size(fitted) -> None:
+@pytest.mark.parametrize("chunk", [4096, 97])  # more, and fewer, rows per chunk than calibration values
+def test_the_streamed_summary_equals_the_whole_batch_one_beyond_the_exact_size(fitted, chunk: int) -> None:
     """The KS statistic from counts per calibration value equals scipy's ks_2samp on the kept scores."""
     bundle, _ = fitted
     calibration = bundle.primary.scores.numpy().astype(np.float64)
@@ -425,8 +426,8 @@ def test_the_streamed_summary_equals_the_whole_batch_one_beyond_the_exact_size(f
     table["score"] = scores.astype(np.float32)
     table["selected"] = table["score"] < bundle.threshold
     summary = SelectionSummary(bundle)
-    for start in range(0, n, 4096):
-        part = table.iloc[start : start + 4096]
+    for start in range(0, n, chunk):
+        part = table.iloc[start : start + chunk]
         summary.update({name: part[name].to_numpy() for name in part.columns}, start)
     result = summary.result()
     finite = table["score"].to_numpy(dtype=np.float64)
@@ -452,6 +453,24 @@ def test_the_streamed_summary_equals_the_whole_batch_one_beyond_the_exact_size(f
     pd.testing.assert_frame_equal(merged.review_queue(), review_queue(table, class_names=None))
     with pytest.raises(ValueError, match="bundle"):
         merge_summaries(parts)
+
+
+def test_the_review_queue_kept_while_streaming_equals_the_whole_tables(fitted) -> None:
+    """Ties, non-finite rows beyond the queue's length, all rejected: the kept rows still give review_queue's answer."""
+    bundle, _ = fitted
+    rng = np.random.default_rng(8)
+    n = 5000
+    table = selections_table(bundle, rng.standard_normal((n, K)).astype(np.float32))
+    table["score"] = np.round(table["score"].to_numpy(), 1).astype(np.float32)  # many ties
+    table["certainty_ratio"] = np.round(table["certainty_ratio"].to_numpy(), 1).astype(np.float32)
+    table.loc[rng.choice(n, 40, replace=False), ["score", "certainty_ratio"]] = np.nan
+    table["selected"] = False
+    for queue_rows in (5, 20, 60):
+        summary = SelectionSummary(bundle, queue_rows=queue_rows)
+        for start in range(0, n, 333):
+            part = table.iloc[start : start + 333]
+            summary.update({name: part[name].to_numpy() for name in part.columns}, start)
+        pd.testing.assert_frame_equal(summary.review_queue(), review_queue(table, n=queue_rows))
 
 
 def test_row_ranges_scored_apart_merge_into_the_sequential_file(fitted, tmp_path: Path) -> None:
