@@ -1115,8 +1115,9 @@ class LogitsSource:
         """Anonymous memory reading makes per chunk of ``rows`` (copies, decoding, conversion)."""
         width = int(np.prod(self.trailing_shape)) if self.trailing_shape else 1
         copies = self._reader.copies + (1.0 if self.probabilities else 0.0)
+        promoted = 4 * width if self.dtype.itemsize < 4 else 0  # half precision is scored as float32 (a copy)
         id_bytes = 0 if self.id_kind in ("index", "int") else 64  # object str ids
-        return int(rows * (copies * width * self.dtype.itemsize + id_bytes + 8))
+        return int(rows * (copies * width * self.dtype.itemsize + promoted + id_bytes + 8))
 
     def _fail(self, exc: BaseException) -> ValueError:
         if isinstance(exc, ValueError) and str(self.path) in str(exc):
