@@ -6,6 +6,17 @@ earlier file of the same batch (:func:`selections_path`); :func:`summarize_selec
 the numbers a reviewer compares with the calibration (rejection rate against the expected one,
 drift of the query scores).
 
+Streaming (what :func:`seapig_core.pipeline.score_file` does with a file):
+:func:`iter_selections` reads a :class:`seapig_core.sources.LogitsSource` chunk by chunk,
+validates each chunk once for the bundle (:meth:`~seapig_core.bundle.SelectorBundle.check_query`)
+and scores it in one pass (:func:`seapig_core.kernels.score_pass`: every score, the prediction,
+the runner-up and the certainty ratio), yielding one Arrow record batch per chunk;
+:class:`SelectionsWriter` writes them as row groups of one Parquet file, atomically;
+:class:`SelectionSummary` accumulates the summary and the review queue in bounded memory, and
+merges with the summaries of other row ranges (:func:`merge_summaries`). The streamed file has
+the schema and metadata a table written by :func:`write_selections` has
+(:func:`selections_schema`).
+
 Parquet schema (``schema_version`` 1), one row per query sample, in input order:
 
 - ``sample_id``: the caller's ids (string or integer); the row index when none were given;
@@ -54,6 +65,7 @@ __all__ = [
     "SELECTIONS_SUFFIX",
     "SelectionSummary",
     "SelectionsWriter",
+    "check_source_fits",
     "iter_selections",
     "merge_summaries",
     "read_selections",

@@ -2,19 +2,54 @@
 
 Two kinds of source feed the calibration and scoring flows:
 
-- **Logit files** (:func:`read_logits_file`, :func:`list_logit_files`), read without pickle:
+- **Logit files** (:func:`open_logits_file`, :func:`read_logits_file`, :func:`list_logit_files`),
+  read without pickle:
 
   ========================  ===================================================================
   ``*.logits.arrow``        a logits store entry (:mod:`seapig_core.store`), verified against
                             its manifest
   ``*.npy``                 one array of logits (``numpy.load(..., allow_pickle=False)``);
                             sample ids are the row index
-  ``*.npz``                 arrays ``logits`` and optionally ``labels`` and ``sample_ids``
-                            (string or integer), loaded with ``allow_pickle=False``
-  ``*.parquet``,            a table with a ``logits`` column (fixed-size or variable lists of
-  ``*.arrow``,              floats, one list per sample) and optionally ``label`` (or
-  ``*.feather``             ``labels``) and ``sample_id`` columns
+  ``*.npz``                 arrays ``logits`` (or ``probabilities``) and optionally ``labels``
+                            and ``sample_ids`` (string or integer), never unpickled
+  ``*.parquet``,            a table with a ``logits`` (or ``probabilities``) column (fixed-size
+  ``*.arrow``,              or variable lists of floats, one list per sample) and optionally
+  ``*.feather``             ``label`` (or ``labels``) and ``sample_id`` columns
   ========================  ===================================================================
+
+  **Streaming.** :func:`open_logits_file` checks a file's headers and reads no data; its
+  :meth:`LogitsSource.iter_chunks` yields validated chunks of rows, so that memory follows the
+  chunk size, not the file's:
+
+  - ``.npy``: memory-mapped (copy-on-write); chunks are views of the file's pages.
+  - ``.npz``: a stored member (``numpy.savez``) is memory-mapped the same way and its CRC-32
+    verified as rows are read in order (or in one bounded pass for a read that starts or stops
+    elsewhere); a compressed member (``numpy.savez_compressed``) is decompressed as a stream,
+    chunk by chunk (zipfile checks its CRC-32 at its end); reading it from another row restarts
+    or skips the stream; a Fortran-ordered compressed array cannot be read by rows and is read
+    whole.
+  - Parquet: row group by row group, in batches of :data:`_PARQUET_BATCH_ROWS` rows, with
+    buffered column reads (a large row group never comes into memory whole).
+  - Arrow IPC / Feather: the record batches of a copy-on-write memory map (zero-copy unless the
+    batches are compressed, as Feather's default lz4 is: a compressed batch is decompressed
+    alone, so memory follows the writer's batch size); the IPC stream format is read
+    sequentially; a Feather version 1 file (before 2020) is read whole.
+  - store entries: :meth:`seapig_core.store.StoredLogits.iter_chunks`, each record batch
+    verified against its checksum as it is read.
+
+  Every chunk is validated as it comes (float values, no nulls, one id per row, the same
+  length for every list), so a malformed row far into a file fails the read there; headers
+  (array headers against the file's size, the zip directory, the Parquet footer, the schema and
+  its ``seapig_core`` metadata, the store manifest) are checked before any data is read. Sample
+  ids are normalised by :func:`seapig_core._validation.check_sample_ids` and checked for repeats
+  across chunks (:class:`SampleIdSet`).
+
+  **Probabilities.** A ``probabilities`` column (tables) or array (``.npz``), or
+  ``{"input": "probabilities"}`` in a table's ``seapig_core`` schema metadata (with a ``logits``
+  column), marks the values as probabilities; ``probabilities=True`` does for a ``.npy``. They
+  are converted chunk by chunk by :func:`seapig_core.probabilities.logits_from_probabilities`
+  with the caller's ``task`` (the bundle's when scoring, the calibration settings' when
+  calibrating).
 
   In a directory of query batches every such file is one batch, named by the file name without
   its suffix (``batch-007.npz`` -> ``batch-007``; ``batch-007.logits.arrow`` -> ``batch-007``).
