@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_bool", "check_open_unit", "check_positive_int", "check_temperature"]
+__all__ = ["check_bool", "check_open_unit", "check_positive_int", "check_sample_ids", "check_temperature"]
 
 
 def _is_real(value: Any) -> bool:
@@ -60,3 +60,66 @@ def check_temperature(value: Any, *, allow_none: bool = False, name: str = "temp
     if not (math.isfinite(number) and number > 0.0):
         raise ValueError(f"The '{name}' parameter must be a positive finite float. Got {value!r} instead.")
     return number
+
+
+def check_sample_ids(values: Any, n: int, *, name: str = "sample_ids", start: int = 0) -> np.ndarray:
+    """Sample ids, one per sample: the one normaliser of ids for files, tables and extraction.
+
+    Parameters
+    ----------
+    values : array-like, torch.Tensor or None
+        Integers or strings, one per sample; None gives the row index ``start, start + 1, ...``.
+    n : int
+        The number of samples.
+    name : str
+        The argument (or column) named in error messages.
+    start : int
+        First row index when ``values`` is None (a chunk's offset in its file).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n,)`` int64, or an object array of ``str``.
+
+    Raises
+    ------
+    ValueError
+        For a shape other than ``(n,)``, or unsigned integers beyond int64.
+    TypeError
+        For ids that are neither all integers nor all strings (floats, booleans, nulls, bytes
+        that are not ASCII, mixed types).
+    """
+    if values is None:
+        return np.arange(start, start + n, dtype=np.int64)
+    if hasattr(values, "detach") and hasattr(values, "numpy"):  # a torch.Tensor, without importing torch here
+        values = values.detach().to("cpu").numpy()
+    array = np.asarray(values, dtype=object) if isinstance(values, (list, tuple)) else np.asarray(values)
+    if array.ndim != 1 or array.shape[0] != n:
+        raise ValueError(
+            f"The '{name}' parameter must be 1-D with one id per sample ({n}). Got shape {array.shape} instead."
+        )
+    kind = array.dtype.kind
+    if kind in "iu":
+        if kind == "u" and array.size and int(array.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"The '{name}' parameter must hold integers that fit int64. Got {int(array.max())}.")
+        return array.astype(np.int64, copy=False)
+    if kind == "U":
+        return array.astype(object)
+    if kind == "S":
+        try:
+            return np.char.decode(array, "ascii").astype(object)
+        except UnicodeDecodeError as exc:
+            raise TypeError(f"The '{name}' parameter must hold integers or strings. Got bytes that are not ASCII ({exc}).") from None
+    if kind == "O":
+        strings = [isinstance(v, str) for v in array]
+        if all(strings):
+            return array
+        integers = [isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in array]
+        if all(integers):
+            return array.astype(np.int64)
+        others = [v for v, s, i in zip(array, strings, integers, strict=True) if not (s or i)]
+        got = f"a {type(others[0]).__name__} ({others[0]!r})" if others else "integers and strings mixed"
+        raise TypeError(
+            f"The '{name}' parameter must hold integers or strings (no nulls), all of one kind. Got {got} instead."
+        )
+    raise TypeError(f"The '{name}' parameter must hold integers or strings (no nulls). Got dtype {array.dtype} instead.")

@@ -82,6 +82,8 @@ import math
 import os
 import re
 import shutil
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -110,7 +112,7 @@ from seapig_core._validation import (
     check_temperature,
 )
 from seapig_core._version import __version__
-from seapig_core.layout import canonicalize, check_labels, check_task
+from seapig_core.layout import CanonicalLogits, canonicalize, check_labels, check_task
 from seapig_core.persistence import load_score
 from seapig_core.scores.logits import SCORES, LogitScore, make_score
 
@@ -120,6 +122,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "BUNDLE_CACHE_SIZE",
     "BUNDLE_FORMAT",
     "BUNDLE_SCHEMA_VERSION",
     "DEFAULT_KEEP_PREVIOUS",
@@ -131,9 +134,11 @@ __all__ = [
     "SelectorBundle",
     "bundle_fingerprint",
     "bundle_versions",
+    "clear_bundle_cache",
     "describe_bundle",
     "fit_selector",
     "load_bundle",
+    "load_bundle_cached",
     "prune_versions",
     "resolve_settings",
 ]
@@ -493,8 +498,16 @@ class SelectorBundle:
 
     # ------------------------------------------------------------------ query checks
 
-    def check_query(self, query_logits: Any, name: str = "query_logits") -> None:
-        """Raise a clear ValueError if ``query_logits`` do not fit this bundle (task layout, class count).
+    def check_query(self, query_logits: Any, name: str = "query_logits") -> CanonicalLogits:
+        """Validate ``query_logits`` for this bundle once and return them canonical (see :mod:`seapig_core.layout`).
+
+        Zero samples are allowed (an empty query batch scores to empty results); non-finite
+        rows are allowed (they are scored NaN and never selected). Pass the result to
+        :func:`seapig_core.kernels.score_pass`; nothing validates it again.
+
+        Returns
+        -------
+        CanonicalLogits
 
         Raises
         ------
@@ -502,7 +515,7 @@ class SelectorBundle:
             For a shape that does not fit the bundle's task, or another number of logits per
             sample (classes) than the bundle was calibrated on.
         """
-        canon = canonicalize(query_logits, self.task, self.per_member, name=name)
+        canon = canonicalize(query_logits, self.task, self.per_member, name=name, allow_empty=True)
         if canon.n_units != self.n_units:
             where = f" {str(self.path)!r}" if self.path else ""
             raise ValueError(
@@ -510,6 +523,7 @@ class SelectorBundle:
                 f"selector bundle{where} was calibrated on. Got shape {tuple(canon.input_shape)} "
                 f"({canon.n_units} per sample) instead. Calibrate a bundle for this model."
             )
+        return canon
 
     # ------------------------------------------------------------------ persistence
 
@@ -828,7 +842,9 @@ def _check_agrees(manifest: Mapping[str, Any], key: str, expected: Any, where: s
         )
 
 
-def _load_version(version_path: Path, pointer: Mapping[str, Any] | None = None, root: Path | None = None) -> SelectorBundle:
+def _load_version(
+    version_path: Path, pointer: Mapping[str, Any] | None = None, root: Path | None = None, *, include_logits: bool = True
+) -> SelectorBundle:
     """Load one version directory (the caller holds its shared lock)."""
     manifest_path = version_path / MANIFEST_NAME
     where = f"The bundle manifest {str(manifest_path)!r}"
@@ -863,7 +879,7 @@ def _load_version(version_path: Path, pointer: Mapping[str, Any] | None = None, 
             )
         if file_sha256(score_path) != sha:
             raise ValueError(f"The score file {str(score_path)!r} does not match its SHA-256 in {str(manifest_path)!r}.")
-        score = load_score(score_path)
+        score = load_score(score_path) if include_logits else load_score(score_path, include_logits=False)
         holder = f"the score file {file!r}"
         if score.name != name:
             raise ValueError(f"{where} disagrees with its score files: 'scores' names {name!r}, but {holder} holds a {score.name!r} score.")
@@ -923,7 +939,7 @@ def _load_version(version_path: Path, pointer: Mapping[str, Any] | None = None, 
     return bundle
 
 
-def _load_current(root: Path) -> SelectorBundle:
+def _load_current(root: Path, *, include_logits: bool = True) -> SelectorBundle:
     pointer_path = root / POINTER_NAME
     for _ in range(_LOAD_ATTEMPTS):
         pointer = _read_pointer(root)
@@ -931,7 +947,7 @@ def _load_current(root: Path) -> SelectorBundle:
         version_path = root / VERSIONS_DIR / version
         with _reading(version_path) as present:
             if present:
-                return _load_version(version_path, pointer, root)
+                return _load_version(version_path, pointer, root, include_logits=include_logits)
         # Gone: collected after the pointer moved on (read the pointer again), or never there.
         if _current_version(root) == version:
             raise ValueError(
@@ -943,7 +959,7 @@ def _load_current(root: Path) -> SelectorBundle:
     )
 
 
-def load_bundle(path: str | os.PathLike[str]) -> SelectorBundle:
+def load_bundle(path: str | os.PathLike[str], *, include_logits: bool = True) -> SelectorBundle:
     """Load the current version of a selector bundle (or one version directory given directly).
 
     The pointer is read once and exactly the version it names is loaded, under a shared lock
@@ -953,6 +969,12 @@ def load_bundle(path: str | os.PathLike[str]) -> SelectorBundle:
     ----------
     path : str or os.PathLike
         A bundle root (with ``current.json``) or a version directory (with ``manifest.json``).
+    include_logits : bool, default True
+        Materialise each score's stored calibration logits and labels (reports, risk
+        thresholds). ``False`` reads only the calibration scores: everything scoring a query
+        needs (score, select, drift statistics), without the memory of the logits (a
+        1M x 100 float32 calibration set: 400 MB). Every file is still verified against its
+        SHA-256.
 
     Returns
     -------
@@ -969,11 +991,11 @@ def load_bundle(path: str | os.PathLike[str]) -> SelectorBundle:
     """
     directory = Path(path)
     if (directory / POINTER_NAME).exists():
-        return _load_current(directory)
+        return _load_current(directory, include_logits=include_logits)
     if (directory / MANIFEST_NAME).is_file():
         with _reading(directory) as present:
             if present:
-                return _load_version(directory)
+                return _load_version(directory, include_logits=include_logits)
         raise ValueError(f"The selector bundle version {str(directory)!r} was removed while it was being loaded.")
     detail = "does not exist"
     if directory.is_dir():
@@ -982,6 +1004,77 @@ def load_bundle(path: str | os.PathLike[str]) -> SelectorBundle:
         f"The 'bundle' parameter must be a selector bundle directory with a {POINTER_NAME} (or a version directory "
         f"with a {MANIFEST_NAME}). Got {str(directory)!r}, which {detail}."
     )
+
+
+#: Loaded bundles :func:`load_bundle_cached` keeps per process (the least recently used goes first).
+BUNDLE_CACHE_SIZE = 8
+_CACHE: OrderedDict[tuple[Any, ...], SelectorBundle] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+def _version_signature(version_path: Path) -> tuple[Any, ...] | None:
+    """The version directory's real path and the stat of every file in it; None if unreadable.
+
+    A version is immutable, so this changes only if a file was replaced, edited or removed
+    (then the version is loaded and verified again).
+    """
+    try:
+        real = version_path.resolve(strict=True)
+        files = []
+        for entry in sorted(os.scandir(real), key=lambda e: e.name):
+            st = entry.stat(follow_symlinks=False)
+            files.append((entry.name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
+    except OSError:
+        return None
+    return (str(real), tuple(files))
+
+
+def load_bundle_cached(path: str | os.PathLike[str], *, include_logits: bool = False) -> SelectorBundle:
+    """:func:`load_bundle`, cached per process by the immutable version it resolves to.
+
+    A bundle root's pointer is read on every call (so a new calibration is picked up at
+    once); the version it names is loaded and verified once per process and then served from
+    a small LRU cache (:data:`BUNDLE_CACHE_SIZE` versions) keyed by the version directory and
+    the stat (size, mtime, inode, ctime) of each of its files: a file replaced or edited by
+    hand makes the next call load and verify it again. Many batches of a run, or the tasks of
+    a Dask worker, so load a bundle once. Lean by default (``include_logits=False``: the
+    calibration logits are not materialised; see :func:`load_bundle`); a cached bundle loaded
+    with its logits also serves lean requests.
+
+    The returned object is shared between callers: treat it as read-only (do not set
+    thresholds on its scores).
+
+    Raises
+    ------
+    ValueError
+        As :func:`load_bundle`.
+    """
+    directory = Path(path)
+    version_path = directory
+    if (directory / POINTER_NAME).exists():
+        version_path = directory / VERSIONS_DIR / str(_read_pointer(directory)["version"])
+    signature = _version_signature(version_path)
+    if signature is not None:
+        with _CACHE_LOCK:
+            for key in ((signature, include_logits), (signature, True)):
+                if key in _CACHE:
+                    _CACHE.move_to_end(key)
+                    return _CACHE[key]
+    bundle = load_bundle(directory, include_logits=include_logits)
+    loaded = _version_signature(bundle.version_path) if bundle.version_path is not None else None
+    if loaded is not None:
+        with _CACHE_LOCK:
+            _CACHE[(loaded, include_logits)] = bundle
+            _CACHE.move_to_end((loaded, include_logits))
+            while len(_CACHE) > BUNDLE_CACHE_SIZE:
+                _CACHE.popitem(last=False)
+    return bundle
+
+
+def clear_bundle_cache() -> None:
+    """Empty the cache of :func:`load_bundle_cached` (e.g. in tests)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
 
 
 def bundle_fingerprint(path: str | os.PathLike[str]) -> str:

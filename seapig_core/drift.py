@@ -48,9 +48,11 @@ __all__ = [
     "DriftThresholds",
     "check_drift_thresholds",
     "drift_statistics",
+    "drift_verdict",
     "population_stability_index",
-    "rate_pvalue",
     "psi_bin_edges",
+    "psi_from_counts",
+    "rate_pvalue",
 ]
 
 #: Verdicts, most urgent first (the order reports list batches in).
@@ -237,8 +239,23 @@ def population_stability_index(
     if query.size == 0:
         return math.nan
     n_bins = edges.size + 1
-    c = np.bincount(np.searchsorted(edges, calibration, side="right"), minlength=n_bins) / calibration.size
-    q = np.bincount(np.searchsorted(edges, query, side="right"), minlength=n_bins) / query.size
+    return psi_from_counts(
+        np.bincount(np.searchsorted(edges, query, side="right"), minlength=n_bins),
+        np.bincount(np.searchsorted(edges, calibration, side="right"), minlength=n_bins),
+        eps,
+    )
+
+
+def psi_from_counts(query_counts: Any, calibration_counts: Any, eps: float = PSI_EPSILON) -> float:
+    """The PSI of :func:`population_stability_index` from the scores' counts per bin.
+
+    For callers that count a batch's scores chunk by chunk (the bins of
+    :func:`psi_bin_edges`, ``numpy.searchsorted(edges, scores, side="right")``) instead of
+    keeping them.
+    """
+    query_counts, calibration_counts = np.asarray(query_counts), np.asarray(calibration_counts)
+    c = calibration_counts / calibration_counts.sum()
+    q = query_counts / query_counts.sum()
     c, q = np.maximum(c, eps), np.maximum(q, eps)
     return float(np.sum((q - c) * np.log(q / c)))
 
@@ -277,9 +294,68 @@ def rate_pvalue(rejected: int, samples: int, calibration_rejected: int, calibrat
             f"calibration_samples. Got {rejected} of {samples} and {calibration_rejected} of {calibration_samples}."
         )
     a, b = calibration_rejected + 0.5, calibration_samples - calibration_rejected + 0.5
-    pmf = stats.betabinom.pmf(np.arange(samples + 1), samples, a, b)
-    observed = pmf[rejected]
-    return float(min(1.0, pmf[pmf <= observed * (1 + 1e-7)].sum()))
+    dist = stats.betabinom(samples, a, b)
+    limit = float(dist.logpmf(rejected)) + math.log1p(1e-7)  # pmf(x) <= pmf(observed) * (1 + 1e-7)
+    if calibration_samples < 1:  # Beta(1/2, 1/2): U-shaped, no single mode; sum block by block
+        return float(min(1.0, sum(_masked_pmf_sum(dist, low, min(low + _PMF_BLOCK, samples + 1), limit)
+                                  for low in range(0, samples + 1, _PMF_BLOCK))))
+    # With m >= 1 the pmf is unimodal: pmf(x + 1) / pmf(x) <= 1 exactly when
+    # x (a + b - 2) + (n - 1 + b - n a) >= 0, linear in x. The counts no more likely than the
+    # observed one are then two tails, [0, low] and [high, n], found by bisection and summed
+    # from their inner ends outwards until the rest cannot matter: time and memory do not grow
+    # with n (the pmf of every count of a 4M-sample batch took 1.4 s and 300 MB).
+    n = samples
+    if a + b - 2 > 0:
+        mode = min(n, max(0, math.ceil((n * a - n + 1 - b) / (a + b - 2))))
+    else:
+        mode = 0 if n - 1 + b - n * a >= 0 else n
+    mode = max((x for x in (mode - 1, mode, mode + 1) if 0 <= x <= n), key=lambda x: float(dist.logpmf(x)))
+    if float(dist.logpmf(mode)) <= limit:
+        return 1.0
+    # largest x < mode with logpmf(x) <= limit (the pmf increases up to the mode), or -1
+    lo, hi = -1, mode
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if float(dist.logpmf(mid)) <= limit else (lo, mid)
+    low = lo
+    # smallest x > mode with logpmf(x) <= limit (the pmf decreases after the mode), or n + 1
+    lo, hi = mode, n + 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if float(dist.logpmf(mid)) <= limit else (mid, hi)
+    high = hi
+    return float(min(1.0, _tail_sum(dist, low, -1) + _tail_sum(dist, high, n + 1)))
+
+
+_PMF_BLOCK = 1 << 16
+
+
+def _masked_pmf_sum(dist: Any, low: int, high: int, limit: float) -> float:
+    """Sum of the pmf over ``low:high`` where ``logpmf <= limit``."""
+    log = dist.logpmf(np.arange(low, high))
+    return float(np.exp(log[log <= limit]).sum())
+
+
+def _tail_sum(dist: Any, start: int, end: int) -> float:
+    """Sum of the pmf from ``start`` towards ``end`` (exclusive), where the pmf keeps decreasing.
+
+    Block by block; stops once the remaining terms, each at most the last one summed, cannot
+    change the sum in float64.
+    """
+    total = 0.0
+    step = 1 if end > start else -1
+    position = start
+    while position != end:
+        stop = position + step * _PMF_BLOCK
+        stop = min(stop, end) if step > 0 else max(stop, end)
+        xs = np.arange(position, stop, step)
+        values = dist.pmf(xs)
+        total += float(values.sum())
+        remaining = abs(end - stop)
+        if remaining == 0 or values[-1] * remaining <= 1e-17 * total:
+            break
+        position = stop
+    return total
 
 
 def _p(pvalue: float) -> str:
@@ -364,16 +440,85 @@ def drift_statistics(
                 f"Got dtype {mask.dtype} and shape {mask.shape} instead."
             )
         rejected = int(np.count_nonzero(mask | ~np.isfinite(query)))
-    rate = rejected / n
-    binomial = float(stats.binomtest(rejected, n, expected, alternative="two-sided").pvalue)
     calibration_rejected = int(calibration.size - np.count_nonzero(calibration < threshold))
-    rate_p = rate_pvalue(rejected, n, calibration_rejected, int(calibration.size))
     ks_stat = ks_p = psi = None
     if finite.size:
         ks = stats.ks_2samp(finite, calibration)
         ks_stat, ks_p = float(ks.statistic), float(ks.pvalue)
         psi = population_stability_index(finite, calibration)
+    return drift_verdict(
+        samples=n, rejected=rejected, finite=int(finite.size), ks_statistic=ks_stat, ks_pvalue=ks_p, psi=psi,
+        calibration_samples=int(calibration.size), calibration_rejected=calibration_rejected,
+        expected_rejection_rate=expected, thresholds=limits,
+    )
 
+
+def drift_verdict(
+    *,
+    samples: int,
+    rejected: int,
+    finite: int,
+    ks_statistic: float | None,
+    ks_pvalue: float | None,
+    psi: float | None,
+    calibration_samples: int,
+    calibration_rejected: int,
+    expected_rejection_rate: float,
+    thresholds: DriftThresholds | Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The rate tests, the verdict and its reasons, from a batch's counts and distribution statistics.
+
+    :func:`drift_statistics` computes these inputs from the scores; a caller that streams a
+    batch chunk by chunk computes the same numbers without keeping the scores and passes
+    them here, so that both give the same dict.
+
+    Parameters
+    ----------
+    samples, rejected, finite : int
+        The batch's size, its rejected count (non-finite included) and its finite scores.
+    ks_statistic, ks_pvalue, psi : float or None
+        :func:`scipy.stats.ks_2samp` of the finite scores against the finite calibration
+        scores, and :func:`population_stability_index`; None without finite scores.
+    calibration_samples, calibration_rejected : int
+        The finite calibration scores and how many of them the threshold rejects.
+    expected_rejection_rate : float
+        As in :func:`drift_statistics`.
+    thresholds : DriftThresholds or mapping, optional
+
+    Returns
+    -------
+    dict
+        As :func:`drift_statistics`. A batch of zero samples gets ``"insufficient"``, with the
+        rate, the p-values and the distribution statistics None.
+    """
+    from scipy import stats
+
+    limits = check_drift_thresholds(thresholds)
+    n, expected = int(samples), float(expected_rejection_rate)
+    ks_stat, ks_p = ks_statistic, ks_pvalue
+    if n == 0:
+        return {
+            "samples": 0,
+            "rejected": 0,
+            "rejection_rate": None,
+            "expected_rejection_rate": expected,
+            "binomial_pvalue": None,
+            "rate_pvalue": None,
+            "calibration_samples": int(calibration_samples),
+            "non_finite": 0,
+            "ks_statistic": None,
+            "ks_pvalue": None,
+            "psi": None,
+            "verdict": "insufficient",
+            "reasons": [
+                f"The batch holds no samples: there is nothing to judge (a verdict needs at least "
+                f"{format_count(limits.min_samples)}, DriftThresholds.min_samples)."
+            ],
+            "thresholds": limits.to_dict(),
+        }
+    rate = rejected / n
+    binomial = float(stats.binomtest(rejected, n, expected, alternative="two-sided").pvalue)
+    rate_p = rate_pvalue(rejected, n, calibration_rejected, int(calibration_samples))
     counts = f"{format_count(rejected)} of {format_count(n)} samples rejected"
     rates = f"{format_rate(rate)} (expected {format_rate(expected)})"
     drift_reasons: list[str] = []
@@ -384,10 +529,10 @@ def drift_statistics(
             f"Only {format_count(n)} samples: a verdict needs at least {format_count(limits.min_samples)} "
             f"(DriftThresholds.min_samples); the rejection rate was {rates}, {counts}."
         )
-    elif calibration.size < limits.min_samples:
+    elif calibration_samples < limits.min_samples:
         verdict = "insufficient"
         other_reasons.append(
-            f"The calibration has only {format_count(calibration.size)} finite scores: a verdict needs at least "
+            f"The calibration has only {format_count(calibration_samples)} finite scores: a verdict needs at least "
             f"{format_count(limits.min_samples)} (DriftThresholds.min_samples); recalibrate with more samples."
         )
     else:
@@ -397,7 +542,7 @@ def drift_statistics(
         margin = f"{100 * limits.rate_margin:g} percentage points"
         tests = (
             f"exact binomial test {_p(binomial)}, {_p(rate_p)} allowing for the "
-            f"{format_count(calibration.size)} calibration samples"
+            f"{format_count(calibration_samples)} calibration samples"
         )
         if significant and abs(difference) >= limits.rate_margin:
             drift_reasons.append(
@@ -416,9 +561,9 @@ def drift_statistics(
             )
 
         measures = f"KS statistic {format_stat(ks_stat)} with {_p(ks_p)}, PSI {format_stat(psi)}" if ks_p is not None else ""
-        if finite.size < limits.min_samples:
+        if finite < limits.min_samples:
             other_reasons.append(
-                f"Only {format_count(finite.size)} samples have finite scores: too few to compare the score "
+                f"Only {format_count(finite)} samples have finite scores: too few to compare the score "
                 f"distribution with the calibration (at least {format_count(limits.min_samples)} needed)."
             )
         elif ks_p < limits.alpha and (ks_stat >= limits.ks_statistic or psi >= limits.psi):  # type: ignore[operator]
@@ -434,7 +579,7 @@ def drift_statistics(
         else:
             other_reasons.append(f"The score distribution is consistent with the calibration scores ({measures}).")
         verdict = "drift" if drift_reasons else "ok"
-    non_finite = n - int(finite.size)
+    non_finite = n - int(finite)
     if non_finite:
         other_reasons.append(
             f"{format_count(non_finite)} samples have non-finite logits (NaN or inf); they are rejected and left "
@@ -447,7 +592,7 @@ def drift_statistics(
         "expected_rejection_rate": expected,
         "binomial_pvalue": binomial,
         "rate_pvalue": rate_p,
-        "calibration_samples": int(calibration.size),
+        "calibration_samples": int(calibration_samples),
         "non_finite": non_finite,
         "ks_statistic": ks_stat,
         "ks_pvalue": ks_p,

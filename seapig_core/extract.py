@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from seapig_core import store
 from seapig_core._io import check_file_stem, ensure_writable_dir
+from seapig_core._validation import check_sample_ids
 from seapig_core._version import __version__
 
 __all__ = ["DEFAULT_ID_KEYS", "DEFAULT_INPUT_KEYS", "DEFAULT_LABEL_KEYS", "Extraction", "extract_logits"]
@@ -339,24 +340,18 @@ def _labels(y: Any, n: int, index: int) -> torch.Tensor | None:
 
 
 def _ids(ids: Any, n: int, start: int, index: int) -> np.ndarray:
-    if ids is None:
-        return np.arange(start, start + n, dtype=np.int64)
-    if isinstance(ids, torch.Tensor):
-        array = ids.detach().to("cpu").numpy()
-    else:
-        array = np.asarray(ids, dtype=object if isinstance(ids, (list, tuple)) else None)
-        if array.dtype == object and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in array):
-            array = array.astype(np.int64)
-    if array.ndim != 1 or array.shape[0] != n:
+    """A batch's sample ids, normalised by the one owner (:func:`seapig_core._validation.check_sample_ids`)."""
+    try:
+        return check_sample_ids(ids, n, name="ids", start=start)
+    except ValueError as exc:
+        shape = tuple(ids.shape) if hasattr(ids, "shape") else np.shape(np.asarray(ids, dtype=object))
         raise ValueError(
-            f"The ids of each batch must be one per input. Got ids of shape {array.shape} for {n} inputs "
-            f"in batch {index} of 'loader' instead."
-        )
-    if array.dtype.kind in "iu":
-        return array.astype(np.int64, copy=False)
-    if array.dtype.kind == "U" or (array.dtype == object and all(isinstance(v, str) for v in array)):
-        return array.astype(object)
-    raise TypeError(f"Sample ids must be integers or strings. Got dtype {array.dtype} in batch {index} instead.")
+            f"The ids of each batch must be one per input. Got ids of shape {shape} for {n} inputs "
+            f"in batch {index} of 'loader' instead ({exc})"
+        ) from None
+    except TypeError as exc:
+        dtype = ids.dtype if hasattr(ids, "dtype") else np.asarray(ids, dtype=object).dtype
+        raise TypeError(f"Sample ids must be integers or strings. Got dtype {str(dtype).removeprefix('torch.')} in batch {index} instead ({exc})") from None
 
 
 def _batch_kind(labels: torch.Tensor | None, has_ids: bool, sample_ids: np.ndarray) -> tuple[Any, ...]:

@@ -40,7 +40,7 @@ from seapig_core._io import ensure_writable_dir, file_sha256, temporary_name
 from seapig_core.ledger import Claim, Ledger
 from seapig_core.pipeline import score_file
 from seapig_core.sources import scan_logit_files
-from seapig_core.store import entry_paths
+from seapig_core.store import entry_paths, is_entry
 
 __all__ = ["ScoringPlan", "archive_input", "check_scoring_dirs", "plan_scoring", "score_claim"]
 
@@ -232,6 +232,8 @@ def score_claim(
     *,
     archive_dir: str | os.PathLike[str] | None = None,
     thresholds: Any = None,
+    chunk_rows: int | None = None,
+    memory_budget_mb: int | None = None,
 ) -> dict[str, Any]:
     """Score one claimed batch, archive its input if asked, and record the outcome in the ledger.
 
@@ -249,6 +251,12 @@ def score_claim(
     thresholds : DriftThresholds or mapping, optional
         The drift verdict's thresholds (:func:`seapig_core.pipeline.score_file`); the ledger
         records the verdict they give.
+    chunk_rows : int, optional
+        Rows per streamed chunk (:func:`seapig_core.pipeline.score_file`).
+    memory_budget_mb : int, optional
+        The process-wide memory budget the run's concurrent batches share
+        (:func:`seapig_core.pipeline.memory_budget`; default ``$SEAPIG_MEMORY_BUDGET_MB`` or
+        1024 MB).
 
     Returns
     -------
@@ -263,7 +271,13 @@ def score_claim(
     """
     ledger = Ledger(output_dir)
     try:
-        result = score_file(bundle_path, claim.input_path, output_dir, claim.batch, thresholds=thresholds)
+        # The claim's content hash is the file's SHA-256: pass it on rather than hash the file
+        # again (a store entry's provenance hash is its manifest's, which score_file reads).
+        known = None if is_entry(claim.input_path) else claim.content_sha256
+        result = score_file(
+            bundle_path, claim.input_path, output_dir, claim.batch, thresholds=thresholds, chunk_rows=chunk_rows,
+            memory_budget_mb=memory_budget_mb, logits_sha256=known,
+        )
         now = ledger.fingerprints({claim.batch: claim.input_path})[claim.batch]  # stat-cached: no re-read if unchanged
         if now != claim.content_sha256:
             raise ValueError(

@@ -552,7 +552,7 @@ def scoring_report(
         *_provenance_lines(prov, bundle),
         "",
         f"{format_value(len(batches), 'count')} batch(es), {format_value(total, 'count')} samples, "
-        f"{format_value(rejected, 'count')} rejected ({format_value(rejected / total, 'rate')}); expected about "
+        f"{format_value(rejected, 'count')} rejected ({format_value(rejected / total if total else None, 'rate')}); expected about "
         f"{format_value(bundle.expected_rejection_rate, 'rate')} for data like the calibration data (primary score "
         f"**{markdown_text(bundle.primary_name)}**, threshold {format_value(bundle.threshold, 'threshold')}, "
         f"T = {format_value(bundle.temperature, 'stat')}).",

@@ -39,10 +39,18 @@ def score_batch_task(
     archive_dir: str | None = None,
     thresholds: dict[str, Any] | None = None,
     pipeline: str | None = None,
+    chunk_rows: int | None = None,
+    memory_budget_mb: int | None = None,
 ) -> dict[str, Any] | State:
     """Score one claimed batch with the run's bundle version, archive it if asked, and record it in the ledger.
 
-    A drifted batch emits the drift event and ends "Drifted" (:func:`tasks.alerts.batch_state`).
+    The batch streams in chunks of ``chunk_rows`` rows; the run's concurrent batches share one
+    memory budget of ``memory_budget_mb`` (default ``$SEAPIG_MEMORY_BUDGET_MB`` or 1024 MB; see
+    :mod:`seapig_core.pipeline`). A drifted batch emits the drift event and ends "Drifted"
+    (:func:`tasks.alerts.batch_state`).
     """
-    result = score_claim(claim, bundle_path, output_dir, archive_dir=archive_dir, thresholds=thresholds)
+    result = score_claim(
+        claim, bundle_path, output_dir, archive_dir=archive_dir, thresholds=thresholds, chunk_rows=chunk_rows,
+        memory_budget_mb=memory_budget_mb,
+    )
     return batch_state(result, pipeline=pipeline or pipeline_key(None, output_dir), output_dir=output_dir, input_file=claim.input_path)
