@@ -107,7 +107,7 @@ def selections_table(bundle: SelectorBundle, query_logits: Any, sample_ids: Any 
     primary = bundle.primary
     selection = primary.select(query_logits)
     prediction = _numpy(primary.predict(query_logits))
-    ratio = CertaintyRatioScore(temperature=bundle.temperature, task=bundle.task, per_member=bundle.per_member)
+    ratio = CertaintyRatioScore(temperature=bundle.temperature, **bundle.layout)
     n = prediction.shape[0]
     columns: dict[str, Any] = {
         "sample_id": _sample_ids(sample_ids, n),
