@@ -1006,8 +1006,8 @@ class ConfidenceScore(LogitScore):
     would saturate the score. ``sigmoid(c)`` keeps the meaning the hint loss gave it during
     training.
 
-    Like the softmax score it saturates at -1 in float32, here once ``c`` exceeds about 17;
-    thresholds then warn (see :meth:`set_threshold`).
+    Like the softmax score it saturates at -1, here once ``c`` exceeds about 17 in float32 (37
+    in float64); thresholds then warn (see :meth:`set_threshold`).
 
     Parameters
     ----------
@@ -1032,9 +1032,9 @@ class ConfidenceScore(LogitScore):
     saturation = -1.0
     reads_confidence = True
     _saturation_remedy = (
-        "The confidence logits exceed about 17 there, where sigmoid rounds to 1 in float32: store float64 "
-        "logits, or rank these samples with a score of the class logits (energy, margin or max_logit do not "
-        "saturate)."
+        "The confidence logits are so large there that sigmoid rounds to 1 (beyond about 17 in float32, 37 in "
+        "float64): store float64 logits, or rank these samples with a score of the class logits (energy, margin or "
+        "max_logit do not saturate)."
     )
 
     def __init__(
