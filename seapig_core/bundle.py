@@ -533,10 +533,11 @@ class SelectorBundle:
         canon = canonicalize(query_logits, self.task, self.per_member, name=name, confidence_head=self.confidence_head)
         if canon.n_units != self.n_units:
             where = f" {str(self.path)!r}" if self.path else ""
+            head = " besides the confidence logit" if self.confidence_head else ""
             raise ValueError(
-                f"The '{name}' parameter must have {self.n_units} logits per sample (classes), as the "
+                f"The '{name}' parameter must have {self.n_units} logits per sample (classes){head}, as the "
                 f"selector bundle{where} was calibrated on. Got shape {tuple(canon.input_shape)} "
-                f"({canon.n_units} per sample) instead. Calibrate a bundle for this model."
+                f"({canon.n_units} per sample{head}) instead. Calibrate a bundle for this model."
             )
 
     # ------------------------------------------------------------------ persistence
