@@ -37,6 +37,7 @@ def calibration_flow(
     n_bins: int = 15,
     risk_method: str = "sgr",
     class_names: list[str] | None = None,
+    confidence_head: bool = False,
     keep_previous: int = DEFAULT_KEEP_PREVIOUS,
     plot_dir: str | None = None,
     extract_options: dict[str, Any] | None = None,
@@ -85,6 +86,11 @@ def calibration_flow(
         Method of the guaranteed-risk threshold (``"sgr"``; see ``seapig_core.risk.METHODS``).
     class_names : list of str, optional
         Class names kept by the bundle for reports and review queues.
+    confidence_head : bool
+        The model outputs a learned confidence next to its logits (its ``logits(x)`` returns
+        ``(logits, confidence_logit)``, stored as one extra last logit): every score reads the
+        class logits and the ``confidence`` score, which needs this, the confidence. Scoring
+        reads the setting from the bundle.
     keep_previous : int
         Old bundle versions kept besides the current one (rollback, and readers still using them).
     plot_dir : str, optional
@@ -102,7 +108,7 @@ def calibration_flow(
     settings = CalibrationSettings(
         scores=("softmax",) if scores is None else scores, q=q, task=task, per_member=per_member, temperature=temperature,
         target_risk=target_risk, delta=delta, split_fraction=split_fraction, seed=seed, n_bins=n_bins,
-        risk_method=risk_method, class_names=class_names,
+        risk_method=risk_method, class_names=class_names, confidence_head=confidence_head,
     )
     if isinstance(keep_previous, bool) or not isinstance(keep_previous, int) or keep_previous < 0:
         raise ValueError(f"The 'keep_previous' parameter must be a non-negative integer. Got {keep_previous!r} instead.")

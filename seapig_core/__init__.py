@@ -14,6 +14,7 @@ from seapig_core.probabilities import logits_from_probabilities
 from seapig_core.scores import (
     SCORES,
     CertaintyRatioScore,
+    ConfidenceScore,
     EnergyScore,
     EntropyScore,
     LogitScore,
@@ -29,6 +30,7 @@ from seapig_core.temperature import TemperatureFitError
 __all__ = [
     "SCORES",
     "CertaintyRatioScore",
+    "ConfidenceScore",
     "EnergyScore",
     "EntropyScore",
     "Extraction",

@@ -59,8 +59,10 @@ directory writes the new layout beside the old files and leaves them untouched (
 hand once no reader of an older seapig_core needs them).
 
 ``manifest.json`` holds ``format`` (``"seapig_core.bundle"``), ``schema_version``,
-``library_version``, ``created``, ``task``, ``per_member``, ``n_units`` (logits per sample: the
-class count for multiclass), ``class_names`` (or null), ``primary`` (the score that selects),
+``library_version``, ``created``, ``task``, ``per_member``, ``confidence_head`` (whether the
+logits' last unit is a learned confidence head's logit; absent in bundles of earlier versions,
+meaning false), ``n_units`` (class logits per sample: the class count for multiclass, the
+confidence unit not counted), ``class_names`` (or null), ``primary`` (the score that selects),
 ``q``, ``threshold``, ``threshold_source`` (``"quantile"`` or ``"risk"``), ``temperature``,
 ``scores`` (name, file, sha256 and threshold of each score file), ``calibration`` (the metrics
 of :func:`fit_selector`), ``risk_threshold`` (the guaranteed threshold, or null), ``split`` (the
@@ -245,6 +247,11 @@ class CalibrationSettings:
     class_names : sequence of str, optional
         Names of the classes (multiclass, multilabel: one per logit; binary: two), kept by the
         bundle for reports and review queues. Stored as a tuple.
+    confidence_head : bool, default False
+        The logits' last unit is a learned confidence head's logit, ``(N, C + 1)`` (see
+        :mod:`seapig_core.layout`): every score reads the ``C`` class logits, and the
+        ``"confidence"`` score (which needs this) reads the confidence. The bundle stores it,
+        so that scoring splits query logits the same way.
 
     Raises
     ------
@@ -270,6 +277,7 @@ class CalibrationSettings:
     n_bins: int = 15
     risk_method: str = "sgr"
     class_names: tuple[str, ...] | None = None
+    confidence_head: bool = False
 
     def __post_init__(self) -> None:
         from seapig_core.risk import METHODS
@@ -286,9 +294,16 @@ class CalibrationSettings:
             "seed": _check_seed(self.seed),
             "n_bins": check_positive_int(self.n_bins, "n_bins"),
             "class_names": _check_class_names(self.class_names),
+            "confidence_head": check_bool(self.confidence_head, "confidence_head"),
         }
         if not isinstance(self.risk_method, str) or self.risk_method not in METHODS:
             raise ValueError(f"The 'risk_method' parameter must be one of {list(METHODS)}. Got {self.risk_method!r} instead.")
+        needs_head = [name for name in checked["scores"] if SCORES[name].reads_confidence]
+        if needs_head and not checked["confidence_head"]:
+            raise ValueError(
+                f"The 'scores' parameter names {needs_head}, which read a learned confidence head: set "
+                f"confidence_head=True (the logits' last unit is then the confidence logit). Got confidence_head=False."
+            )
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 
@@ -360,8 +375,8 @@ class SelectorBundle:
     ----------
     scores : dict[str, LogitScore]
         Fitted scores by registry name; the first is the *primary* score, whose threshold
-        decides ``selected``. All share the task, ``per_member``, the logits per sample and
-        the temperature.
+        decides ``selected``. All share the task, ``per_member``, ``confidence_head``, the
+        logits per sample and the temperature.
     q : float or None
         The coverage quantile the quantile thresholds were set at.
     calibration : dict
@@ -414,12 +429,12 @@ class SelectorBundle:
                 raise ValueError(f"The score under key {name!r} is a {score.name!r} score.")
             if not score.is_fitted or score.n_units is None:
                 raise ValueError(f"The {name!r} score must be fitted (call fit()). Got an unfitted score.")
-            same = (score.task, score.per_member, score.n_units, score.T) == (first.task, first.per_member, first.n_units, first.T)
-            if not same:
+            mine = (score.task, score.per_member, score.confidence_head, score.n_units, score.T)
+            theirs = (first.task, first.per_member, first.confidence_head, first.n_units, first.T)
+            if mine != theirs:
                 raise ValueError(
-                    f"All scores of a bundle must share task, per_member, logits per sample and temperature. "
-                    f"Got {name!r} with {(score.task, score.per_member, score.n_units, score.T)} and "
-                    f"{first.name!r} with {(first.task, first.per_member, first.n_units, first.T)}."
+                    f"All scores of a bundle must share task, per_member, confidence_head, logits per sample and "
+                    f"temperature. Got {name!r} with {mine} and {first.name!r} with {theirs}."
                 )
         if first.threshold is None:
             raise ValueError(f"The primary score {first.name!r} needs a threshold (set_threshold). Got none.")
@@ -455,8 +470,21 @@ class SelectorBundle:
         return self.primary.per_member
 
     @property
+    def confidence_head(self) -> bool:
+        """Whether the logits' last unit is a learned confidence head's logit (``(N, C + 1)``)."""
+        return self.primary.confidence_head
+
+    @property
+    def layout(self) -> dict[str, Any]:
+        """``task``, ``per_member`` and ``confidence_head``: the keyword arguments of
+        :func:`seapig_core.layout.canonicalize` that validate query logits for this bundle
+        (with ``n_units=bundle.n_units``)."""
+        return self.primary.layout
+
+    @property
     def n_units(self) -> int:
-        """Logits per sample the bundle was calibrated on (the class count for multiclass)."""
+        """Class logits per sample the bundle was calibrated on (the class count for multiclass;
+        a confidence unit not counted)."""
         return int(self.primary.n_units)  # type: ignore[arg-type]
 
     @property
@@ -515,13 +543,16 @@ class SelectorBundle:
             For a shape that does not fit the bundle's task, or another number of logits per
             sample (classes) than the bundle was calibrated on.
         """
-        canon = canonicalize(query_logits, self.task, self.per_member, name=name, allow_empty=True)
+        canon = canonicalize(
+            query_logits, self.task, self.per_member, name=name, allow_empty=True, confidence_head=self.confidence_head
+        )
         if canon.n_units != self.n_units:
             where = f" {str(self.path)!r}" if self.path else ""
+            head = " besides the confidence logit" if self.confidence_head else ""
             raise ValueError(
-                f"The '{name}' parameter must have {self.n_units} logits per sample (classes), as the "
+                f"The '{name}' parameter must have {self.n_units} logits per sample (classes){head}, as the "
                 f"selector bundle{where} was calibrated on. Got shape {tuple(canon.input_shape)} "
-                f"({canon.n_units} per sample) instead. Calibrate a bundle for this model."
+                f"({canon.n_units} per sample{head}) instead. Calibrate a bundle for this model."
             )
         return canon
 
@@ -537,6 +568,7 @@ class SelectorBundle:
             "created": created,
             "task": self.task,
             "per_member": self.per_member,
+            "confidence_head": self.confidence_head,
             "n_units": self.n_units,
             "class_names": None if self.class_names is None else list(self.class_names),
             "primary": self.primary_name,
@@ -893,6 +925,7 @@ def _load_version(
         ("primary", primary.name),
         ("task", primary.task),
         ("per_member", primary.per_member),
+        *((("confidence_head", primary.confidence_head),) if "confidence_head" in manifest or primary.confidence_head else ()),
         ("n_units", primary.n_units),
         ("threshold", _as_float(primary.threshold)),
         ("temperature", primary.T),
@@ -1197,17 +1230,18 @@ def fit_selector(
     from seapig_core.risk import split_calibration
 
     s = resolve_settings(settings, kwargs)
-    names, task, per_member = list(s.scores), s.task, s.per_member
+    names = list(s.scores)
+    layout = {"task": s.task, "per_member": s.per_member, "confidence_head": s.confidence_head}
     if s.target_risk is not None and labels is None:
         raise ValueError("The 'target_risk' parameter needs labelled calibration logits. Got no 'labels'.")
-    canon = canonicalize(logits, task, per_member, name="logits", require_finite=True)
+    canon = canonicalize(logits, name="logits", require_finite=True, **layout)
     if labels is not None:
         check_labels(labels, canon, name="labels")
     n = canon.n_samples
 
     split = None
     X_thr, Y_thr = logits, labels
-    primary = make_score(names[0], temperature=s.temperature, task=task, per_member=per_member)
+    primary = make_score(names[0], temperature=s.temperature, **layout)
     if labels is not None and s.temperature is None:
         first, second = split_calibration(n, fraction=s.split_fraction, seed=s.seed)
         primary.fit(_index(logits, first), _index(labels, first))  # the temperature split
@@ -1219,7 +1253,7 @@ def fit_selector(
     # redraw its evidence) at the primary's temperature.
     fitted: dict[str, LogitScore] = {names[0]: primary.calibrate(X_thr, Y_thr).set_threshold(s.q)}
     for name in names[1:]:
-        score = make_score(name, temperature=primary.temperature, task=task, per_member=per_member)
+        score = make_score(name, temperature=primary.temperature, **layout)
         fitted[name] = score.calibrate(X_thr, Y_thr).set_threshold(s.q)
     T_used = primary.T
     primary_scores = primary.scores.detach().to("cpu", dtype=torch.float64).numpy()  # type: ignore[union-attr]
@@ -1236,7 +1270,7 @@ def fit_selector(
     per_score: dict[str, dict[str, Any]] = {name: {"threshold": float(sc.threshold)} for name, sc in fitted.items()}  # type: ignore[arg-type]
     if Y_thr is not None:
         # Validated once; every metric reads the same canonical layout (never re-validated).
-        canon_thr = canonicalize(X_thr, task, per_member, name="logits", require_finite=True)
+        canon_thr = canonicalize(X_thr, name="logits", require_finite=True, **layout)
         y_thr = check_labels(Y_thr, canon_thr, name="labels")
         errors = metrics.prediction_errors(canon_thr, y_thr, temperature=T_used)
         calibration.update(

@@ -322,6 +322,12 @@ def score_frame(
     if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"The 'kind' parameter must be one of {list(KINDS)}. Got {kind!r} instead.")
     task = check_task(task)
+    if SCORES[score].reads_confidence:
+        raise ValueError(
+            f"The 'score' parameter {score!r} reads a learned confidence head's logit, which a column of "
+            f"probability or logit vectors does not carry. Score such logits with "
+            f"seapig_core.ConfidenceScore (confidence_head=True). Got score={score!r} instead."
+        )
     if kind == "probabilities" and score in _NEED_LOGITS:
         raise ValueError(
             f"The 'score' parameter {score!r} needs the model's logits: on probabilities (log p as logits) the "

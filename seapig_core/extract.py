@@ -25,6 +25,25 @@ Batches may be
   ``ids``, ``sample_ids``). Integer keys index tuple/list batches instead of the positional
   form: the input is then at ``input_key`` (default 0), labels and ids only where given.
 
+**A learned confidence head** (DeVries and Taylor 2018): a model trained to output its own
+confidence next to its class logits returns the *tuple* ``(logits, confidence_logit)`` from
+``logits(x)``, in one forward pass, where ``confidence_logit`` is the confidence branch's logit
+before its sigmoid, shaped like the logits without their unit axis (axis 1): ``(B,)`` or
+``(B, 1)`` beside ``(B, C)`` logits, ``(B, M)`` or ``(B, 1, M)`` beside ``(B, C, M)``. It is
+stored as one more unit of axis 1, ``(N, C + 1)`` (``(N, C + 1, M)``), which is what
+``confidence_head=True`` expects everywhere (:mod:`seapig_core.layout`); ``Extraction.confidence_head``
+and the store entry's manifest (``layout``) say so. A model with separate ``logits(x)`` and
+``confidence(x)`` methods is not read as having a confidence head (a method of that name may
+mean anything): wrap it in a module whose ``logits(x)`` returns both::
+
+    class WithConfidence(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def logits(self, x):
+            return self.net.logits(x), self.net.confidence(x)
+
 The input is passed to ``model.logits`` as is: a tensor, or a dict/list/tuple of tensors
 (moved to the model's device). Sample ids default to the running index ``0..N-1``; batch ids
 may be integers or strings.
@@ -80,6 +99,7 @@ class Extraction:
     ----------
     logits : torch.Tensor
         CPU float32, ``(N, *trailing)`` in the model's output shape; an ordinary in-memory tensor.
+        With a confidence head, its logit is the last unit of axis 1: ``(N, C + 1)``.
     labels : torch.Tensor or None
         ``(N, ...)`` labels from the batches, or None when the batches carry none.
     sample_ids : numpy.ndarray
@@ -95,9 +115,12 @@ class Extraction:
         The store's data file, or None without ``outdir``.
     fingerprint : str or None
         The store entry's fingerprint key, or None without ``outdir``.
+    confidence_head : bool
+        Whether the model returned a confidence logit beside its logits (stored as their last
+        unit; see the module docstring).
     """
 
-    __slots__ = ("_memory", "from_cache", "stored")
+    __slots__ = ("_confidence_head", "_memory", "from_cache", "stored")
 
     def __init__(
         self,
@@ -105,12 +128,14 @@ class Extraction:
         *,
         stored: store.StoredLogits | None = None,
         from_cache: bool = False,
+        confidence_head: bool = False,
     ) -> None:
         if (memory is None) == (stored is None):
             raise TypeError("Extraction holds either in-memory results or a store entry, exactly one.")
         self._memory = memory
         self.stored = stored
         self.from_cache = from_cache
+        self._confidence_head = bool(confidence_head)
 
     def __repr__(self) -> str:
         where = "memory" if self.stored is None else repr(str(self.stored.path))
@@ -145,6 +170,11 @@ class Extraction:
     def fingerprint(self) -> str | None:
         """The store entry's fingerprint key, or None without ``outdir``."""
         return None if self.stored is None else self.stored.fingerprint
+
+    @property
+    def confidence_head(self) -> bool:
+        """Whether the logits' last unit is a confidence head's logit (from the store entry's manifest)."""
+        return self._confidence_head if self.stored is None else self.stored.confidence_head
 
 
 # ---------------------------------------------------------------------------- checks
@@ -361,11 +391,45 @@ def _batch_kind(labels: torch.Tensor | None, has_ids: bool, sample_ids: np.ndarr
     return ("labels", label, "ids", ids)
 
 
+def _with_confidence(out: Any, n: int, index: int) -> tuple[Any, bool]:
+    """``(logits, has confidence)``: a ``(logits, confidence_logit)`` pair joined along axis 1."""
+    if not isinstance(out, (tuple, list)):
+        return out, False
+    if len(out) != 2 or not all(isinstance(part, torch.Tensor) for part in out):
+        got = f"a {type(out).__name__} of {len(out)} item(s): {[type(part).__name__ for part in out]}"
+        raise TypeError(
+            "The 'model' parameter's logits(x) must return a torch.Tensor, or a (logits, confidence_logit) "
+            f"pair of tensors for a model with a confidence head. Got {got} in batch {index} instead."
+        )
+    logits, confidence = out
+    if logits.ndim == 1:
+        logits = logits.unsqueeze(1)
+    if logits.ndim == 0 or logits.shape[0] != n:
+        raise ValueError(
+            f"The 'model' parameter's logits(x) must return one row per input. Got logits of shape "
+            f"{tuple(logits.shape)} for {n} inputs in batch {index} instead."
+        )
+    unit_free = (n, *logits.shape[2:])
+    if tuple(confidence.shape) == (n, 1, *logits.shape[2:]):
+        confidence = confidence.squeeze(1)
+    if tuple(confidence.shape) != unit_free:
+        raise ValueError(
+            f"The confidence logit returned by the 'model' parameter's logits(x) must be shaped like the logits "
+            f"without their unit axis (axis 1): {unit_free} or {(n, 1, *logits.shape[2:])} beside logits of shape "
+            f"{tuple(logits.shape)}. Got shape {tuple(confidence.shape)} in batch {index} instead."
+        )
+    if confidence.dtype == torch.bool or confidence.is_complex():
+        raise TypeError(f"The confidence logit must hold real numbers. Got dtype {confidence.dtype} in batch {index} instead.")
+    device = logits.device
+    joined = torch.cat((logits.detach().float(), confidence.detach().to(device, torch.float32).unsqueeze(1)), dim=1)
+    return joined, True
+
+
 def _logits(out: Any, n: int, trailing: tuple[int, ...] | None, index: int) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise TypeError(
-            f"The 'model' parameter's logits(x) must return a torch.Tensor. Got {type(out).__name__} "
-            f"in batch {index} instead."
+            f"The 'model' parameter's logits(x) must return a torch.Tensor (or a (logits, confidence_logit) "
+            f"pair for a model with a confidence head). Got {type(out).__name__} in batch {index} instead."
         )
     if out.ndim == 0 or out.shape[0] != n:
         raise ValueError(
@@ -477,8 +541,9 @@ def _run(
     hasher: store.DataFingerprint | None,
     progress: bool,
     callback: ProgressCallback | None,
-) -> int:
-    """Extract every batch into ``sink``; returns the number of rows."""
+) -> tuple[int, bool]:
+    """Extract every batch into ``sink``; returns the number of rows and whether the model
+    returned a confidence logit."""
     device = _model_device(model)
     total = _total_rows(loader)
     flags = [(module, module.training) for module in model.modules()]
@@ -486,6 +551,7 @@ def _run(
     batches = 0
     trailing: tuple[int, ...] | None = None
     first_kind: tuple[Any, ...] | None = None
+    confidence_head: bool | None = None
     model.eval()
     try:
         with torch.inference_mode(), _progress_bar(progress, total, "extracting logits") as bar:
@@ -505,7 +571,15 @@ def _run(
                     )
                 if hasher is not None:
                     hasher.update(x, labels, sample_ids if ids is not None else None)
-                out = _logits(logits_fn(_to_device(x, device)), n, trailing, index)
+                out, has_confidence = _with_confidence(logits_fn(_to_device(x, device)), n, index)
+                if confidence_head is not None and has_confidence != confidence_head:
+                    raise ValueError(
+                        "The 'model' parameter's logits(x) must return a (logits, confidence_logit) pair in every "
+                        f"batch or in none. Got {'a pair' if has_confidence else 'a tensor'} in batch {index} after "
+                        f"{'a tensor' if has_confidence else 'pairs'} before."
+                    )
+                confidence_head = has_confidence
+                out = _logits(out, n, trailing, index)
                 trailing = tuple(out.shape[1:])
                 sink.append(out, labels, sample_ids)
                 done += n
@@ -521,7 +595,7 @@ def _run(
         raise ValueError("The 'loader' parameter must yield at least one batch. Got an empty loader instead.")
     if done == 0:
         raise ValueError(f"The 'loader' parameter must yield at least one sample. Got {batches} empty batches instead.")
-    return done
+    return done, bool(confidence_head)
 
 
 def _hash_loader(loader: Iterable[Any], keys: _Keys, progress: bool) -> str:
@@ -562,7 +636,9 @@ def extract_logits(
     Parameters
     ----------
     model : torch.nn.Module
-        Has a callable ``logits(x)`` returning a tensor with the batch on its first axis.
+        Has a callable ``logits(x)`` returning a tensor with the batch on its first axis, or a
+        ``(logits, confidence_logit)`` pair for a model with a learned confidence head (stored
+        as ``(N, C + 1)``; see the module docstring).
     loader : iterable of batches
         Usually a ``torch.utils.data.DataLoader``; batch forms in the module docstring. Must be
         deterministic for caching to hit (see :mod:`seapig_core.store`).
@@ -594,10 +670,13 @@ def extract_logits(
     TypeError
         A model that is not a module or has no callable ``logits``; a loader that is not an
         iterable of batches (or, caching without ``data_fingerprint``, not re-iterable); an
-        unsupported batch, label or id type; a model returning something other than a tensor.
+        unsupported batch, label or id type; a model returning something other than a tensor
+        or a pair of tensors.
     ValueError
         An empty loader; labels or ids whose length differs from the inputs'; logits whose row
-        count differs from the inputs' or whose trailing shape changes between batches; an
+        count differs from the inputs' or whose trailing shape changes between batches; a
+        confidence logit not shaped like the logits without their unit axis, or returned in
+        some batches only; an
         ``outdir`` that cannot be written; a ``prefix`` with a path separator or ``..``;
         ``prefix``/``refresh``/``data_fingerprint`` without ``outdir``.
 
@@ -640,8 +719,8 @@ def extract_logits(
             )
         _check_loader(loader, needs_second_pass=False)
         sink = _MemorySink(_total_rows(loader))
-        _run(model, logits_fn, loader, keys, sink, None, progress, progress_callback)
-        return Extraction(sink.result())
+        _, confidence_head = _run(model, logits_fn, loader, keys, sink, None, progress, progress_callback)
+        return Extraction(sink.result(), confidence_head=confidence_head)
 
     if prefix is not None:
         check_file_stem(prefix, "prefix")
@@ -672,9 +751,10 @@ def extract_logits(
     # since a loader need not yield the same data twice (e.g. a seeded shuffle that advances).
     hasher = store.DataFingerprint() if data_fingerprint is None else None
     with store.LogitsWriter(data_path) as writer:
-        _run(model, logits_fn, loader, keys, writer, hasher, progress, progress_callback)
+        _, confidence_head = _run(model, logits_fn, loader, keys, writer, hasher, progress, progress_callback)
         if hasher is not None:
             components["data"] = {"kind": "content", "value": hasher.hexdigest()}
         key = store.fingerprint_key(components)
-        stored = writer.commit({**components, "key": key})
+        layout = {"confidence_head": True} if confidence_head else {}
+        stored = writer.commit({**components, "key": key}, layout=layout)
     return Extraction(stored=stored)

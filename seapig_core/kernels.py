@@ -14,6 +14,11 @@ top-2 gap, the exponential sum, the smallest logit magnitude), so that asking fo
 scores costs little more than asking for one, and a score's value does not depend on what else
 was asked for.
 
+One score reads no class logits: ``confidence``, ``-sigmoid(c)`` of a learned confidence head's
+logit ``c`` (:attr:`seapig_core.layout.CanonicalLogits.confidence`, present when the logits
+were validated with ``confidence_head=True``). Its kernel is a function of the confidence block
+alone (:attr:`ScoreKernel.confidence`); the pass runs it beside the class-logit kernels.
+
 Conventions: ``beta = 1 / T`` is the inverse temperature; every score is *higher when more
 uncertain*. Bernoulli blocks hold ``|z|`` for single-logit binary (see
 :meth:`seapig_core.layout.CanonicalLogits.scoring_block`) and signed logits for multilabel.
@@ -564,29 +569,35 @@ class BernoulliBlock:
 
 CategoricalFn = Callable[[CategoricalBlock], torch.Tensor]
 BernoulliFn = Callable[[BernoulliBlock], torch.Tensor]
+ConfidenceFn = Callable[[torch.Tensor, "Workspace"], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class ScoreKernel:
-    """A score as a pair of block functions.
+    """A score as a pair of block functions (or one function of the confidence logits).
 
     Attributes
     ----------
     name : str
         Registry name, e.g. ``"softmax"``.
-    categorical : callable
+    categorical : callable or None
         ``(CategoricalBlock) -> (R,)``.
-    bernoulli : callable
+    bernoulli : callable or None
         ``(BernoulliBlock) -> (R,)``.
     top2 : bool
         Whether the categorical function reads the top-2 gap (it must then be taken before
         the exponential sum; :func:`score_pass` orders that).
+    confidence : callable or None
+        For a score of a learned confidence head instead of the class logits:
+        ``(c, workspace) -> (rows * M,)`` of a block ``c`` of confidence logits ``(rows, M)``
+        (members unrolled row-major, like the class blocks). None for class-logit scores.
     """
 
     name: str
-    categorical: CategoricalFn
-    bernoulli: BernoulliFn
+    categorical: CategoricalFn | None
+    bernoulli: BernoulliFn | None
     top2: bool = False
+    confidence: ConfidenceFn | None = None
 
 
 def _bernoulli_entropy_of_abs(a: torch.Tensor) -> torch.Tensor:
@@ -665,6 +676,17 @@ def _probability_margin_bernoulli(b: BernoulliBlock) -> torch.Tensor:
     return _vectorised(torch.tanh, b.min_abs * (0.5 * b.beta)).neg_()
 
 
+# confidence: -sigmoid(c) of the confidence head's logit c. The class temperature does not
+# apply (it is fitted on the class logits; see seapig_core.scores.logits.ConfidenceScore).
+def _confidence_scores(c: torch.Tensor, work: Workspace) -> torch.Tensor:
+    # Copied into a contiguous, LANES-padded slot so every value takes the same (vector) path,
+    # whatever the block's cut or the column's stride in the caller's tensor (see LANES).
+    n = c.numel()
+    buf = work.flat("c", c, n)
+    buf[:n].view(c.shape).copy_(c)
+    return torch.sigmoid(buf, out=buf)[:n].neg_()
+
+
 KERNELS: dict[str, ScoreKernel] = {
     kernel.name: kernel
     for kernel in (
@@ -675,6 +697,7 @@ KERNELS: dict[str, ScoreKernel] = {
         ScoreKernel("max_logit", _max_logit_categorical, _max_logit_bernoulli),
         ScoreKernel("certainty_ratio", _certainty_ratio_categorical, _certainty_ratio_bernoulli, top2=True),
         ScoreKernel("probability_margin", _probability_margin_categorical, _probability_margin_bernoulli, top2=True),
+        ScoreKernel("confidence", None, None, confidence=_confidence_scores),
     )
 }
 
@@ -753,7 +776,14 @@ class _Pass:
             if self.ratio is None:
                 self.ratio = torch.empty(n, dtype=dtype, device=device)
         self.finite = torch.ones(n, dtype=torch.bool, device=device)
-        self.kernels = [KERNELS[name] for name in names]
+        self.kernels = [KERNELS[name] for name in names if KERNELS[name].confidence is None]
+        self.confidence_kernels = [KERNELS[name] for name in names if KERNELS[name].confidence is not None]
+        if self.confidence_kernels and canon.confidence is None:
+            wanted = [kernel.name for kernel in self.confidence_kernels]
+            raise ValueError(
+                f"The score(s) {wanted} read a learned confidence head: validate the logits with "
+                f"confidence_head=True (their last unit is then the confidence logit). Got logits without one."
+            )
         if ratio and "certainty_ratio" not in names:
             self.kernels.append(KERNELS["certainty_ratio"])
         self.wants_labels = prediction or runner
@@ -785,6 +815,11 @@ class _Pass:
         bad_rows = None if canon.all_finite else block_finite(z)
         if bad_rows is not None:
             bad_rows = ~(bad_rows if m == 1 else bad_rows.view(rows, m).all(dim=1))
+        confidence = None if canon.confidence is None else canon.confidence[start:stop]
+        if confidence is not None and not canon.all_finite:
+            confident = block_finite(confidence)  # a sample is finite only with a finite confidence
+            if confident is not None:
+                bad_rows = ~confident if bad_rows is None else bad_rows.logical_or_(~confident)
 
         if self.categorical:
             block = CategoricalBlock(
@@ -799,6 +834,8 @@ class _Pass:
             results = [(kernel.name, kernel.bernoulli(block)) for kernel in self.kernels]
         for name, values in results:
             self._store(self.scores.get(name, self.ratio)[start:stop], values, m)
+        for kernel in self.confidence_kernels:
+            self._store(self.scores[kernel.name][start:stop], kernel.confidence(confidence, work), m)
 
         if self.wants_labels:
             self._labels(block, start, stop, work)
@@ -905,6 +942,7 @@ def score_pass(
         here); may hold zero samples and non-finite rows.
     names : sequence of str
         Score registry names (:data:`KERNELS`), e.g. ``["softmax", "energy"]``; may be empty.
+        ``"confidence"`` needs logits validated with ``confidence_head=True``.
     temperature : float
         ``T > 0``; logits are divided by it.
     labels : bool, default True
@@ -917,7 +955,8 @@ def score_pass(
     Raises
     ------
     ValueError
-        For an unknown score name or a temperature that is not positive and finite.
+        For an unknown score name, a temperature that is not positive and finite, or the
+        ``confidence`` score of logits without a confidence head.
 
     Examples
     --------

@@ -17,6 +17,18 @@ binary, one logit, pm     ``(N, M)``        ``(N, 1, M)``                bernoul
 
 The canonical tensor is a view of the input whenever possible (no copy). Scores read it in
 row blocks (:func:`iter_row_blocks`), so no whole-tensor temporaries are created.
+
+**A learned confidence head** (``confidence_head=True``; DeVries and Taylor, "Learning
+Confidence for Out-of-Distribution Detection in Neural Networks", 2018): a model trained to
+output its own confidence next to its class logits delivers it as **one extra trailing unit**,
+the confidence head's logit (pre-sigmoid): ``(N, C + 1)``, or ``(N, C + 1, M)`` with a member
+axis, where the first ``C`` units are the task's logits as in the table (binary: ``(N, 2)`` is
+one logit and the confidence, ``(N, 3)`` two logits and the confidence). Logit files, the
+logits store and bundles carry it unchanged as "logits"; :func:`canonicalize` splits it off:
+:attr:`CanonicalLogits.values` are the class logits only (every score, the temperature, the
+predictions and the metrics read them as usual) and :attr:`CanonicalLogits.confidence` the
+confidence logits ``(N, M)``. A sample is finite only when its class logits *and* its
+confidence are.
 """
 
 from __future__ import annotations
@@ -70,10 +82,14 @@ class CanonicalLogits:
     per_member : bool
         Whether the input carried a trailing member axis.
     input_shape : tuple of int
-        The caller's shape; ``values.reshape(input_shape)`` gives the caller's layout back.
+        The caller's shape, with the confidence unit when there is one;
+        :meth:`input_logits` gives the caller's layout back.
     all_finite : bool
         True when validation established that every value is finite (``require_finite``), so
-        that passes over the values need not test it again.
+        that passes over the values need not test it again (the confidence included).
+    confidence : torch.Tensor or None
+        The confidence head's logits ``(N, M)`` (pre-sigmoid; a view of the caller's tensor),
+        when validated with ``confidence_head=True``; else None.
     """
 
     values: torch.Tensor
@@ -83,6 +99,7 @@ class CanonicalLogits:
     per_member: bool
     input_shape: tuple[int, ...]
     all_finite: bool = False
+    confidence: torch.Tensor | None = None
 
     @property
     def n_samples(self) -> int:
@@ -103,6 +120,34 @@ class CanonicalLogits:
     def n_classes(self) -> int:
         """The number of classes a prediction ranges over (2 for any binary layout)."""
         return 2 if self.single_logit else self.n_units
+
+    @property
+    def confidence_head(self) -> bool:
+        """Whether the logits carry a confidence head's logit (see the module docstring)."""
+        return self.confidence is not None
+
+    def input_logits(self) -> torch.Tensor:
+        """The logits in the caller's layout (``input_shape``), the confidence unit included.
+
+        A view without a confidence head; with one, a copy (the class logits and the confidence
+        joined again).
+        """
+        if self.confidence is None:
+            return self.values.reshape(self.input_shape)
+        joined = torch.cat((self.values, self.confidence.unsqueeze(1)), dim=1)
+        return joined.reshape(self.input_shape)
+
+    def class_logits(self) -> torch.Tensor:
+        """The class logits in the caller's layout, without the confidence unit (a view).
+
+        What a function that knows nothing of confidence heads accepts for the same task and
+        ``per_member``; the logits themselves without a confidence head.
+        """
+        if self.confidence is None:
+            return self.values.reshape(self.input_shape)
+        shape = list(self.input_shape)
+        shape[1] = self.n_units
+        return self.values.reshape(shape)
 
     def block_rows(self, block_bytes: int = _BLOCK_BYTES) -> int:
         """Rows per block so that one block of float values is about ``block_bytes`` (1 MiB)."""
@@ -139,13 +184,20 @@ class CanonicalLogits:
             finite = block_finite(block.reshape(block.shape[0], -1))
             if finite is not None:
                 out[start:stop] = finite
+            if self.confidence is not None:
+                confident = block_finite(self.confidence[start:stop])
+                if confident is not None:
+                    out[start:stop] &= confident
         return out
 
     def rows(self, start: int, stop: int) -> CanonicalLogits:
         """Samples ``start:stop`` as canonical logits (a view; nothing is validated again)."""
         values = self.values[start:stop]
         shape = (int(values.shape[0]), *self.input_shape[1:])
-        return CanonicalLogits(values, self.family, self.task, self.single_logit, self.per_member, shape, self.all_finite)
+        confidence = None if self.confidence is None else self.confidence[start:stop]
+        return CanonicalLogits(
+            values, self.family, self.task, self.single_logit, self.per_member, shape, self.all_finite, confidence
+        )
 
 
 def block_finite(block: torch.Tensor) -> torch.Tensor | None:
@@ -220,6 +272,7 @@ def canonicalize(
     n_units: int | None = None,
     require_finite: bool = False,
     allow_empty: bool = False,
+    confidence_head: bool = False,
 ) -> CanonicalLogits:
     """Validate logits for ``task`` and return them in the canonical layout.
 
@@ -241,6 +294,10 @@ def canonicalize(
     allow_empty : bool
         Accept zero samples (query data: an empty batch scores to empty results). Calibration
         data must hold at least one sample.
+    confidence_head : bool
+        The last unit (axis 1) is a confidence head's logit: ``(N, C + 1)`` or ``(N, C + 1, M)``
+        (see the module docstring). It is split off into :attr:`CanonicalLogits.confidence`;
+        ``n_units`` then counts the class logits only.
 
     Returns
     -------
@@ -251,23 +308,36 @@ def canonicalize(
     TypeError
         For a non-numeric input.
     ValueError
-        For an unknown task, a shape that does not fit the task, an input without samples
+        For an unknown task, a shape that does not fit the task (with ``confidence_head``:
+        no room for the class logits and the confidence unit), an input without samples
         (unless ``allow_empty``) or without logits, a unit count different from ``n_units``, or
         non-finite values when ``require_finite``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> canon = canonicalize(torch.tensor([[2.0, 0.0, 1.5]]), confidence_head=True)
+    >>> canon.values.shape, canon.confidence
+    (torch.Size([1, 2, 1]), tensor([[1.5000]]))
     """
     task = check_task(task)
     x = as_float_tensor(logits, name)
     per_member = bool(per_member)
+    if not isinstance(confidence_head, (bool, np.bool_)):
+        raise TypeError(f"The 'confidence_head' parameter must be a bool. Got {type(confidence_head).__name__} instead.")
     member_note = "" if not per_member else " with a trailing member axis (per_member=True)"
     shape = tuple(x.shape)
+    confidence = None
+    if confidence_head:
+        x, confidence = _split_confidence(x, task, per_member, name)
 
     single_logit = False
     if task == "binary":
         if not per_member:
             if x.ndim == 1:
                 values, single_logit = x.reshape(-1, 1, 1), True
-            elif x.ndim == 2 and shape[1] in (1, 2):
-                values, single_logit = x.unsqueeze(-1), shape[1] == 1
+            elif x.ndim == 2 and x.shape[1] in (1, 2):
+                values, single_logit = x.unsqueeze(-1), x.shape[1] == 1
             else:
                 raise ValueError(
                     f"The '{name}' parameter must have shape (N,), (N, 1) or (N, 2) for task='binary'. "
@@ -276,8 +346,8 @@ def canonicalize(
         else:
             if x.ndim == 2:
                 values, single_logit = x.unsqueeze(1), True
-            elif x.ndim == 3 and shape[1] in (1, 2):
-                values, single_logit = x, shape[1] == 1
+            elif x.ndim == 3 and x.shape[1] in (1, 2):
+                values, single_logit = x, x.shape[1] == 1
             else:
                 raise ValueError(
                     f"The '{name}' parameter must have shape (N, M), (N, 1, M) or (N, 2, M) for task='binary'"
@@ -305,12 +375,18 @@ def canonicalize(
     if values.shape[1] == 0 or values.shape[2] == 0:
         what = "logit per sample" if values.shape[1] == 0 else "member per sample"
         raise ValueError(f"The '{name}' parameter must have at least one {what}. Got shape {shape} instead.")
-    canon = CanonicalLogits(values, family, task, single_logit, per_member, shape)
+    canon = CanonicalLogits(values, family, task, single_logit, per_member, shape, confidence=confidence)
 
     if n_units is not None and canon.n_units != n_units:
+        if confidence is None:
+            raise ValueError(
+                f"The '{name}' parameter must have {n_units} logit(s) per sample, as the fitted score. "
+                f"Got shape {shape} ({canon.n_units} per sample) instead."
+            )
         raise ValueError(
-            f"The '{name}' parameter must have {n_units} logit(s) per sample, as the fitted score. "
-            f"Got shape {shape} ({canon.n_units} per sample) instead."
+            f"The '{name}' parameter must have {n_units} class logit(s) and the confidence logit per sample "
+            f"({n_units + 1} units), as the fitted score. Got shape {shape} ({canon.n_units} class logit(s) "
+            f"and the confidence) instead."
         )
     if require_finite:
         finite = canon.finite_rows()
@@ -323,6 +399,34 @@ def canonicalize(
             )
         canon = dataclasses.replace(canon, all_finite=True)
     return canon
+
+
+def _split_confidence(x: torch.Tensor, task: str, per_member: bool, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(class logits, confidence (N, M))`` of logits whose last unit is a confidence head's.
+
+    The unit axis is axis 1; the class logits keep the caller's layout without that unit, so
+    the usual task branches of :func:`canonicalize` validate them.
+    """
+    shape = tuple(x.shape)
+    ndim = 3 if per_member else 2
+    members = ", M" if per_member else ""
+    member_note = " and a trailing member axis (per_member=True)" if per_member else ""
+    if task == "binary":
+        fits = x.ndim == ndim and shape[1] in (2, 3)
+        expected = f"(N, 2{members}) (one logit) or (N, 3{members}) (two logits)"
+    else:
+        least = 2 if task == "multiclass" else 1
+        fits = x.ndim == ndim and shape[1] >= least + 1
+        expected = f"(N, C + 1{members}) with C >= {least} class logit(s)"
+    if not fits:
+        raise ValueError(
+            f"The '{name}' parameter must have shape {expected} for task={task!r} with confidence_head=True"
+            f"{member_note}: the class logits followed by the confidence head's logit as the last unit of "
+            f"axis 1. Got shape {shape} instead."
+        )
+    if per_member:
+        return x[:, :-1, :], x[:, -1, :]
+    return x[:, :-1], x[:, -1:]
 
 
 def check_labels(labels: Any, canon: CanonicalLogits, name: str = "Y") -> torch.Tensor:

@@ -104,6 +104,7 @@ SCORE_AXES: dict[str, ScoreAxis] = {
     "max_logit": ScoreAxis(-1.0, "max logit z(1) / T"),
     "certainty_ratio": ScoreAxis(1.0, "certainty ratio p(2) / p(1)"),
     "probability_margin": ScoreAxis(-1.0, "probability margin p(1) - p(2)"),
+    "confidence": ScoreAxis(-1.0, "learned confidence sigmoid(c)"),
 }
 
 

@@ -324,20 +324,21 @@ def calibration_report(bundle: SelectorBundle, provenance: Mapping[str, Any] | N
         )
     }
     labels = primary.labels
-    if labels is not None and primary.logits is not None:
+    logits = primary.class_logits  # without a learned confidence head's unit, if any
+    if labels is not None and logits is not None:
         figures["calibration-reliability"] = plot_reliability_diagram(
-            primary.logits, labels, task=bundle.task, temperature=bundle.temperature,
+            logits, labels, task=bundle.task, temperature=bundle.temperature,
             per_member=bundle.per_member, compare_temperature=1.0,
         )
         errors = metrics.prediction_errors(
-            primary.logits, labels, task=bundle.task, temperature=bundle.temperature, per_member=bundle.per_member
+            logits, labels, task=bundle.task, temperature=bundle.temperature, per_member=bundle.per_member
         )
         rc = metrics.risk_coverage(primary.scores, errors)
         figures["calibration-risk-coverage"] = plot_risk_coverage(
             rc, risk_threshold=getattr(primary, "risk_threshold", None), label=bundle.primary_name
         )
         figures["calibration-temperature"] = plot_temperature_effect(
-            primary.logits, labels, bundle.temperature, task=bundle.task, per_member=bundle.per_member,
+            logits, labels, bundle.temperature, task=bundle.task, per_member=bundle.per_member,
             class_names=list(class_names) if class_names else None,
         )
 

@@ -24,9 +24,12 @@ only places that know the names:
   fingerprint, known only once every batch is written, are in the manifest.
 - ``{prefix}.logits.json``: the manifest, written *after* the data file: format, schema
   version, the data file's name and size, ``n_samples``, ``logits_shape`` (``[N,
-  *trailing]``), the fingerprint, and the file cut into *segments* that tile it, each with its
-  offset, length, row count and ``xxh3_128`` checksum: segment ``i`` holds record batch ``i``
-  (the first also the file's magic and schema), the last one the footer.
+  *trailing]``), the fingerprint, ``layout`` (``{"confidence_head": true}`` when the model
+  returned a learned confidence head's logit, stored as the last unit of axis 1, see
+  :mod:`seapig_core.layout`; ``{}`` otherwise, and absent in entries of earlier versions), and
+  the file cut into *segments* that tile it, each with its offset, length, row count and
+  ``xxh3_128`` checksum: segment ``i`` holds record batch ``i`` (the first also the file's
+  magic and schema), the last one the footer.
 
 Writing streams: model batches are gathered into chunks of :data:`BATCH_ROWS` rows and each
 chunk goes to pyarrow's writer through a sink that checksums the bytes as they are written, so
@@ -663,13 +666,16 @@ class LogitsWriter:
         self._sink.end_segment(n)
         self._rows += n
 
-    def commit(self, fingerprint: Mapping[str, Any]) -> StoredLogits:
+    def commit(self, fingerprint: Mapping[str, Any], *, layout: Mapping[str, Any] | None = None) -> StoredLogits:
         """Finish the file; return the entry as it will be served.
 
         Parameters
         ----------
         fingerprint : Mapping
             The entry's fingerprint components with their ``key`` (see :func:`fingerprint_key`).
+        layout : Mapping, optional
+            JSON-able description of the logits' layout, kept in the manifest (not part of the
+            fingerprint): ``{"confidence_head": True}`` for logits with a confidence unit.
 
         Returns
         -------
@@ -701,6 +707,7 @@ class LogitsWriter:
             "checksum": CHECKSUM,
             "segments": self._sink.segments,
             "fingerprint": dict(fingerprint),
+            "layout": dict(layout or {}),
             "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         try:
@@ -818,6 +825,13 @@ class StoredLogits:
     def verified(self) -> bool:
         """Whether chunks are verified against the manifest's checksums as they are read."""
         return self._manifest is not None
+
+    @property
+    def confidence_head(self) -> bool:
+        """Whether the logits' last unit is a learned confidence head's logit (the manifest's
+        ``layout``; False for entries read unverified or written before it was recorded)."""
+        layout = (self.manifest or {}).get("layout")
+        return isinstance(layout, dict) and layout.get("confidence_head") is True
 
     @property
     def has_labels(self) -> bool:

@@ -10,6 +10,13 @@ example needs no download. It provides
 - :func:`digits_model`, which loads the trained weights from a cache directory (a safetensors
   file, fingerprinted by the training settings, the data and the library version, so any
   change retrains) or trains and caches them;
+- :class:`DigitsConfidenceNet`, the same CNN with a second, learned-confidence branch (DeVries
+  and Taylor, "Learning Confidence for Out-of-Distribution Detection in Neural Networks",
+  2018), trained with their hint loss (:func:`confidence_hint_loss`) and its budget, just as
+  deterministically and quickly; :func:`digits_confidence_model` caches it like the first.
+  Its ``.logits(x)`` returns ``(class logits, confidence logit)``, which extraction stores as
+  ``(N, 11)`` logits with the confidence as the last unit (``confidence_head=True``; see
+  :mod:`seapig_core.layout`);
 - query batches (:func:`query_batches`) that mix clean test digits with corrupted and
   out-of-distribution inputs - noisy and rotated digits, synthetic shapes, and patches of
   scikit-learn's bundled photographs - so that rejections mean something. The kind of each
@@ -23,6 +30,7 @@ Examples
 --------
 >>> from seapig_core.examples import digits
 >>> model = digits.digits_model(cache_dir="/tmp/seapig-digits")      # doctest: +SKIP
+>>> confident = digits.digits_confidence_model(cache_dir="/tmp/seapig-digits")  # doctest: +SKIP
 >>> loader = digits.digits_loader("calibration")                      # doctest: +SKIP
 >>> batches = digits.query_loaders(n_batches=3)                       # doctest: +SKIP
 """
@@ -42,6 +50,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -55,13 +64,19 @@ __all__ = [
     "IMAGE_KEY",
     "ID_KEY",
     "LABEL_KEY",
+    "ConfidenceTrainConfig",
+    "DigitsConfidenceNet",
     "DigitsNet",
     "ImageDataset",
     "QueryBatch",
     "Split",
     "TrainConfig",
     "accuracy_by_split",
+    "compare_rejections_by_kind",
+    "confidence_hint_loss",
+    "confidence_weights_file",
     "default_cache_dir",
+    "digits_confidence_model",
     "digits_loader",
     "digits_model",
     "digits_splits",
@@ -69,6 +84,7 @@ __all__ = [
     "query_loaders",
     "rejection_by_kind",
     "sample_kind",
+    "train_digits_confidence_model",
     "train_digits_model",
     "weights_file",
 ]
@@ -358,6 +374,42 @@ def rejection_by_kind(selections: pd.DataFrame) -> pd.DataFrame:
     return table.loc[order].rename_axis("kind")
 
 
+def compare_rejections_by_kind(selections: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Rejection rates per sample kind of several selectors that scored the same query samples.
+
+    Parameters
+    ----------
+    selections : dict of str to pandas.DataFrame
+        Selections tables (columns ``sample_id`` and ``selected``) by selector name, e.g.
+        ``{"softmax": ..., "confidence head": ...}``; each must hold the same sample ids.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed by kind: ``samples``, then one column per selector with its rejection rate.
+
+    Raises
+    ------
+    ValueError
+        If no table is given, or the tables hold different samples.
+    """
+    if not selections:
+        raise ValueError("The 'selections' parameter must hold at least one selections table. Got none.")
+    tables = {name: rejection_by_kind(table) for name, table in selections.items()}
+    first_name, first = next(iter(tables.items()))
+    ids = {name: set(table["sample_id"]) for name, table in selections.items()}
+    for name in tables:
+        if ids[name] != ids[first_name]:
+            raise ValueError(
+                f"The 'selections' parameter must hold tables of the same samples. Got {name!r} with "
+                f"{len(ids[name])} sample ids and {first_name!r} with {len(ids[first_name])}, not the same."
+            )
+    out = first[["samples"]].copy()
+    for name, table in tables.items():
+        out[name] = table["rejection_rate"].reindex(out.index)
+    return out
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -472,8 +524,8 @@ def _weights_path(cache_dir: Path, fingerprint: str) -> Path:
     return cache_dir / f"digits-cnn-{fingerprint[:16]}.safetensors"
 
 
-def _load_cached(path: Path, fingerprint: str, config: TrainConfig) -> DigitsNet | None:
-    """The cached model if ``path`` holds weights with this exact fingerprint, else None."""
+def _load_cached(path: Path, fingerprint: str, config: TrainConfig, build: type[nn.Module] = DigitsNet) -> Any:
+    """The cached model (of class ``build``) if ``path`` holds weights with this exact fingerprint, else None."""
     if not path.is_file():
         return None
     try:
@@ -482,7 +534,7 @@ def _load_cached(path: Path, fingerprint: str, config: TrainConfig) -> DigitsNet
         return None
     if metadata.get("format") != _WEIGHTS_FORMAT or metadata.get("fingerprint") != fingerprint:
         return None
-    model = DigitsNet(width=config.width)
+    model = build(width=config.width)
     expected = model.state_dict()
     if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
         return None
@@ -512,11 +564,230 @@ def digits_model(
     """
     config = TrainConfig(epochs=check_positive_int(epochs, "epochs"), seed=int(seed))
     directory = ensure_writable_dir(default_cache_dir() if cache_dir is None else cache_dir, "cache_dir")
+    path = _weights_path(directory, config.fingerprint())
+    return _cached_model(path, config, DigitsNet, train_digits_model, retrain)
+
+
+def weights_file(cache_dir: str | os.PathLike[str] | None = None, epochs: int = 30, seed: int = 0) -> Path:
+    """Where :func:`digits_model` keeps the weights for these settings (the file may not exist yet)."""
+    directory = Path(default_cache_dir() if cache_dir is None else cache_dir)
+    return _weights_path(directory, TrainConfig(epochs=epochs, seed=seed).fingerprint())
+
+
+# ----------------------------------------------------------------------------- confidence model
+
+
+class DigitsConfidenceNet(nn.Module):
+    """:class:`DigitsNet` with a learned confidence branch (DeVries and Taylor 2018).
+
+    The same convolutions and hidden layer, then two heads on the 64 hidden units: the class
+    logits, and one unit whose sigmoid is the network's confidence that its prediction is
+    right (trained with :func:`confidence_hint_loss`).
+
+    Parameters
+    ----------
+    width : int
+        Channels of the first convolution (the second has twice as many).
+    n_classes : int
+        Class logits.
+    """
+
+    def __init__(self, width: int = 16, n_classes: int = CLASSES) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 16, 64), nn.ReLU())
+        self.classifier = nn.Linear(64, n_classes)
+        self.confidence_branch = nn.Linear(64, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits (B, n_classes), confidence logit (B,))`` of images ``(B, 8, 8)`` or ``(B, 1, 8, 8)``.
+
+        The confidence logit is the branch's output before its sigmoid.
+        """
+        if x.ndim == 3:
+            x = x.unsqueeze(1)
+        h = self.hidden(self.features(x))
+        return self.classifier(h), self.confidence_branch(h).squeeze(1)
+
+    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, confidence logit)``: seapig_core's extraction stores them as ``(B, n_classes + 1)``."""
+        return self.forward(x)
+
+
+def confidence_hint_loss(
+    logits: torch.Tensor,
+    confidence_logit: torch.Tensor,
+    labels: torch.Tensor,
+    hints: torch.Tensor,
+    eps: float = 1e-12,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two terms of DeVries and Taylor's hint loss, ``(task loss, confidence loss)``.
+
+    With ``p = softmax(logits)``, ``c = sigmoid(confidence_logit)`` (both clamped to
+    ``[eps, 1 - eps]``) and ``y`` the one-hot labels, the network may ask for hints: its
+    prediction is moved towards the label in proportion to its lack of confidence,
+    ``p' = c p + (1 - c) y``, and it pays ``-log c`` for that. Hints are given only to the
+    samples where ``hints`` is 1 (the paper draws it from Bernoulli(1/2), so that the network
+    cannot rely on them); elsewhere ``c`` is taken as 1. The training objective is
+    ``task + lambda * confidence`` (see :func:`train_digits_confidence_model` for ``lambda``
+    and its budget).
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``(B, C)`` class logits.
+    confidence_logit : torch.Tensor
+        ``(B,)`` the confidence branch's logit.
+    labels : torch.Tensor
+        ``(B,)`` int64 class indices.
+    hints : torch.Tensor
+        ``(B,)`` 0/1: 1 where the sample may receive a hint.
+    eps : float
+        Clamp of the probabilities, for the logarithms.
+
+    Returns
+    -------
+    task : torch.Tensor
+        Scalar ``mean(-log p'_y)``.
+    confidence : torch.Tensor
+        Scalar ``mean(-log c)`` (over all samples).
+    """
+    p = logits.softmax(dim=1).clamp(eps, 1.0 - eps)
+    c = torch.sigmoid(confidence_logit).clamp(eps, 1.0 - eps)
+    asked = (c * hints + (1.0 - hints)).unsqueeze(1)
+    onehot = F.one_hot(labels, logits.shape[1]).to(p.dtype)
+    adjusted = asked * p + (1.0 - asked) * onehot
+    return F.nll_loss(torch.log(adjusted), labels), -torch.log(c).mean()
+
+
+@dataclass(frozen=True)
+class ConfidenceTrainConfig(TrainConfig):
+    """Settings of :func:`train_digits_confidence_model`; all enter the weights' fingerprint.
+
+    Attributes (besides :class:`TrainConfig`'s)
+    ------------------------------------------
+    budget : float
+        The hint loss's budget ``beta`` (DeVries and Taylor use 0.3): after each step
+        ``lambda`` grows (``/ 0.99``) while the confidence loss ``mean(-log c)`` is at or above
+        it and shrinks (``/ 1.01``) below it, so that the network spends about ``beta`` nats
+        of confidence on hints.
+    initial_lambda : float
+        ``lambda`` at the start (0.1 in the paper).
+    max_shift : int
+        Random translation of each training image by up to this many pixels (0: none). Without
+        it the network fits its 718 training digits perfectly within a few epochs, after which
+        no hint helps the task loss and the confidence branch learns nothing (its AUROC against
+        out-of-distribution inputs stays at a coin's); with it, hard training inputs keep
+        coming.
+    """
+
+    budget: float = 0.3
+    initial_lambda: float = 0.1
+    max_shift: int = 1
+
+
+def _shifted(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image ``(B, 1, 8, 8)`` translated by a random offset in ``[-max_shift, max_shift]``^2 (zero fill)."""
+    if max_shift == 0:
+        return images
+    k = 2 * max_shift + 1
+    padded = F.pad(images, (max_shift,) * 4)
+    crops = torch.stack([padded[:, :, dy : dy + 8, dx : dx + 8] for dy in range(k) for dx in range(k)])
+    offsets = torch.randint(0, k * k, (images.shape[0],), generator=generator)
+    return crops[offsets, torch.arange(images.shape[0])]
+
+
+def train_digits_confidence_model(config: ConfidenceTrainConfig | None = None) -> DigitsConfidenceNet:
+    """Train :class:`DigitsConfidenceNet` with the hint loss, deterministically (seconds on a CPU).
+
+    Adam with weight decay on ``task + lambda * confidence`` of :func:`confidence_hint_loss`,
+    hints for a Bernoulli(1/2) half of each batch, ``lambda`` adjusted to the budget after
+    every step (:class:`ConfidenceTrainConfig`), and randomly shifted training images. Fixed
+    seeds, one thread and deterministic algorithms as in :func:`train_digits_model`: the same
+    ``config`` gives the same weights bit for bit on a given machine and torch build; the
+    caller's RNG state, thread count and determinism setting are restored.
+
+    Returns
+    -------
+    DigitsConfidenceNet
+        In eval mode.
+    """
+    config = config or ConfidenceTrainConfig()
+    train = digits_splits()["train"]
+    x = torch.from_numpy(np.array(train.images)).unsqueeze(1)
+    y = torch.from_numpy(np.array(train.labels))
+    with _deterministic(config.seed) as generator:
+        model = DigitsConfidenceNet(width=config.width)
+        optimiser = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        lmbda = config.initial_lambda
+        model.train()
+        for _ in range(config.epochs):
+            for batch in torch.randperm(len(y), generator=generator).split(config.batch_size):
+                optimiser.zero_grad()
+                logits, confidence = model(_shifted(x[batch], config.max_shift, generator))
+                hints = torch.bernoulli(torch.full((len(batch),), 0.5), generator=generator)
+                task, penalty = confidence_hint_loss(logits, confidence, y[batch], hints)
+                (task + lmbda * penalty).backward()
+                optimiser.step()
+                lmbda = lmbda / 1.01 if config.budget > float(penalty.detach()) else lmbda / 0.99
+    return model.eval()
+
+
+def confidence_weights_file(
+    cache_dir: str | os.PathLike[str] | None = None, epochs: int = 30, seed: int = 0, budget: float = 0.3
+) -> Path:
+    """Where :func:`digits_confidence_model` keeps the weights for these settings (the file may not exist yet)."""
+    directory = Path(default_cache_dir() if cache_dir is None else cache_dir)
+    config = ConfidenceTrainConfig(epochs=epochs, seed=seed, budget=budget)
+    return directory / f"digits-confidence-cnn-{config.fingerprint()[:16]}.safetensors"
+
+
+def digits_confidence_model(
+    cache_dir: str | os.PathLike[str] | None = None,
+    retrain: bool = False,
+    epochs: int = 30,
+    seed: int = 0,
+    budget: float = 0.3,
+) -> DigitsConfidenceNet:
+    """The trained digits CNN with a confidence branch: cached weights when their fingerprint matches, else trained and cached.
+
+    Parameters
+    ----------
+    cache_dir : str or Path, optional
+        Directory of the weights file ``digits-confidence-cnn-<fingerprint>.safetensors``
+        (created if needed); default :func:`default_cache_dir`.
+    retrain : bool
+        Train even if matching weights are cached (and replace them).
+    epochs, seed : int
+        Training settings (see :class:`ConfidenceTrainConfig`); they enter the fingerprint.
+    budget : float
+        The hint loss's budget (see :class:`ConfidenceTrainConfig`).
+
+    Returns
+    -------
+    DigitsConfidenceNet
+        In eval mode; ``.logits(x)`` returns ``(logits, confidence logit)``.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < float(budget) < float("inf"):
+        raise ValueError(f"The 'budget' parameter must be a positive number. Got {budget!r} instead.")
+    config = ConfidenceTrainConfig(epochs=check_positive_int(epochs, "epochs"), seed=int(seed), budget=float(budget))
+    directory = ensure_writable_dir(default_cache_dir() if cache_dir is None else cache_dir, "cache_dir")
+    path = confidence_weights_file(directory, config.epochs, config.seed, config.budget)
+    return _cached_model(path, config, DigitsConfidenceNet, train_digits_confidence_model, retrain)
+
+
+def _cached_model(path: Path, config: TrainConfig, build: type[nn.Module], train: Any, retrain: bool) -> Any:
+    """The model of ``build`` cached at ``path`` for ``config``, or trained with ``train(config)`` and cached."""
     fingerprint = config.fingerprint()
-    path = _weights_path(directory, fingerprint)
-    if not retrain and (model := _load_cached(path, fingerprint, config)) is not None:
+    if not retrain and (model := _load_cached(path, fingerprint, config, build)) is not None:
         return model
-    model = train_digits_model(config)
+    model = train(config)
     metadata = {
         "format": _WEIGHTS_FORMAT,
         "fingerprint": fingerprint,
@@ -528,17 +799,16 @@ def digits_model(
     return model
 
 
-def weights_file(cache_dir: str | os.PathLike[str] | None = None, epochs: int = 30, seed: int = 0) -> Path:
-    """Where :func:`digits_model` keeps the weights for these settings (the file may not exist yet)."""
-    directory = Path(default_cache_dir() if cache_dir is None else cache_dir)
-    return _weights_path(directory, TrainConfig(epochs=epochs, seed=seed).fingerprint())
-
-
 def accuracy_by_split(model: nn.Module) -> dict[str, float]:
-    """Top-1 accuracy of ``model`` on each split, e.g. ``{"train": 1.0, "calibration": 0.97, ...}``."""
+    """Top-1 accuracy of ``model`` on each split, e.g. ``{"train": 1.0, "calibration": 0.97, ...}``.
+
+    For a model whose output is ``(logits, confidence logit)``, of its logits.
+    """
     result = {}
     with torch.no_grad():
         for name, data in digits_splits().items():
             logits = model(torch.from_numpy(np.array(data.images)))
+            if isinstance(logits, tuple):
+                logits = logits[0]
             result[name] = float((logits.argmax(dim=1).numpy() == data.labels).mean())
     return result

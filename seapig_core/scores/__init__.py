@@ -3,6 +3,7 @@
 from seapig_core.scores.logits import (
     SCORES,
     CertaintyRatioScore,
+    ConfidenceScore,
     EnergyScore,
     EntropyScore,
     LogitScore,
@@ -17,6 +18,7 @@ from seapig_core.scores.thresholds import SelectionWarning
 __all__ = [
     "SCORES",
     "CertaintyRatioScore",
+    "ConfidenceScore",
     "EnergyScore",
     "EntropyScore",
     "LogitScore",

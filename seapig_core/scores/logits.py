@@ -11,7 +11,10 @@ Supported logits (see :mod:`seapig_core.layout`):
 - ``task="binary"``: one logit ``(N,)``/``(N, 1)`` or two logits ``(N, 2)``, labels ``(N,)`` 0/1;
 - ``task="multilabel"``: ``(N, C)``, labels ``(N, C)`` 0/1;
 - ``per_member=True``: a trailing member axis (ensembles, MC-dropout), ``(N, C, M)`` or
-  ``(N, M)`` for single-logit binary; the score is computed per member and averaged.
+  ``(N, M)`` for single-logit binary; the score is computed per member and averaged;
+- ``confidence_head=True``: the model also outputs a learned confidence, as one extra trailing
+  logit (``(N, C + 1)``, ``(N, C + 1, M)``; see :mod:`seapig_core.layout`). Every score reads
+  the class logits as above; :class:`ConfidenceScore` reads the confidence.
 
 Examples
 --------
@@ -51,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SCORES",
     "CertaintyRatioScore",
+    "ConfidenceScore",
     "EnergyScore",
     "EntropyScore",
     "LogitScore",
@@ -76,6 +80,10 @@ class LogitScore:
     per_member : bool, default False
         Logits carry a trailing member axis (ensembles, MC-dropout). The score is computed per
         member and averaged; the temperature is fitted on all members.
+    confidence_head : bool, default False
+        The logits' last unit is a learned confidence head's logit (``(N, C + 1)``; see
+        :mod:`seapig_core.layout`): it is split off, and the score, the temperature and the
+        predictions read the ``C`` class logits. :class:`ConfidenceScore` scores the confidence.
 
     Attributes
     ----------
@@ -94,8 +102,8 @@ class LogitScore:
     quantile : float or None
         The ``q`` that produced :attr:`threshold`.
     n_units : int or None
-        Logits per sample (classes, labels, or 1 for single-logit binary) seen by :meth:`fit`;
-        query logits must match it.
+        Logits per sample (classes, labels, or 1 for single-logit binary) seen by :meth:`fit`,
+        the confidence unit not counted; query logits must match it.
     risk_threshold : RiskThreshold or None
         Set by :meth:`set_risk_threshold`: the threshold with its bound on the selective risk,
         the coverage reached and the settings (see :class:`seapig_core.risk.RiskThreshold`).
@@ -146,11 +154,28 @@ class LogitScore:
     #: The value where the score saturates in floating point at the confident end (ties pile
     #: up there when probabilities round to 0 or 1); None for scores that do not saturate.
     saturation: ClassVar[float | None] = None
+    #: Whether the score reads a learned confidence head (it then needs ``confidence_head=True``).
+    reads_confidence: ClassVar[bool] = False
+    #: What a saturation diagnostic recommends instead of the default remedy (None: the default,
+    #: a non-saturating score, float64 logits or a larger temperature).
+    _saturation_remedy: ClassVar[str | None] = None
 
-    def __init__(self, temperature: float | None = None, task: str = "multiclass", per_member: bool = False) -> None:
+    @property
+    def _message_temperature(self) -> float | None:
+        """The temperature diagnostics name (None where the score does not depend on it)."""
+        return self.T
+
+    def __init__(
+        self,
+        temperature: float | None = None,
+        task: str = "multiclass",
+        per_member: bool = False,
+        confidence_head: bool = False,
+    ) -> None:
         self.temperature = check_temperature(temperature, allow_none=True)
         self.task = check_task(task)
         self.per_member = check_bool(per_member, "per_member")
+        self.confidence_head = check_bool(confidence_head, "confidence_head")
         self.logits: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
@@ -188,7 +213,27 @@ class LogitScore:
         args = [f"temperature={self.temperature!r}", f"task={self.task!r}"]
         if self.per_member:
             args.append("per_member=True")
+        if self.confidence_head:
+            args.append("confidence_head=True")
         return f"{type(self).__name__}({', '.join(args)})"
+
+    @property
+    def layout(self) -> dict[str, Any]:
+        """``task``, ``per_member`` and ``confidence_head``: the keyword arguments of
+        :func:`seapig_core.layout.canonicalize` that validate logits for this score."""
+        return {"task": self.task, "per_member": self.per_member, "confidence_head": self.confidence_head}
+
+    @property
+    def class_logits(self) -> torch.Tensor | None:
+        """The calibration logits without the confidence unit (the same as :attr:`logits`
+        without a confidence head), in the caller's layout; None before :meth:`fit`.
+
+        What functions that know nothing of confidence heads take with this score's ``task``
+        and ``per_member`` (metrics, reliability plots).
+        """
+        if self.logits is None or not self.confidence_head:
+            return self.logits
+        return canonicalize(self.logits, name="logits", **self.layout).class_logits()
 
     # ------------------------------------------------------------------ fitting
 
@@ -210,6 +255,8 @@ class LogitScore:
         1. Precomputed logits: ``X`` (and optionally labels ``Y``).
         2. Extraction: a ``model`` with a ``.logits(x)`` method and a ``loader``
            (``torch.utils.data.DataLoader``); labels are taken from the batches when present.
+           A model whose ``.logits(x)`` returns ``(logits, confidence_logit)`` (a learned
+           confidence head) needs a score with ``confidence_head=True``, and the reverse.
            With ``outdir`` and ``prefix`` the logits are cached on disk (see
            :func:`seapig_core.extract.extract_logits`, which receives any extra keyword
            arguments, e.g. ``progress=False`` or ``refresh=True``).
@@ -271,6 +318,14 @@ class LogitScore:
             from seapig_core.extract import extract_logits
 
             extraction = extract_logits(model, loader, outdir=outdir, prefix=prefix, **kwargs)
+            if extraction.confidence_head != self.confidence_head:
+                given = "returns" if extraction.confidence_head else "does not return"
+                raise ValueError(
+                    f"The 'model' parameter {given} a confidence logit beside its logits, but the score was "
+                    f"built with confidence_head={self.confidence_head}. Build it with "
+                    f"confidence_head={extraction.confidence_head}"
+                    f"{' (e.g. ConfidenceScore)' if extraction.confidence_head else ''}."
+                )
             X, Y = extraction.logits, extraction.labels
         else:
             unexpected = [*(f"positional #{i + 7}" for i in range(len(args))), *kwargs]
@@ -283,7 +338,7 @@ class LogitScore:
                 )
 
         # Validated once; the temperature fit and the scores read the same canonical logits.
-        canon = canonicalize(X, self.task, self.per_member, name="X", require_finite=True)
+        canon = canonicalize(X, name="X", require_finite=True, **self.layout)
         labels = None if Y is None else check_labels(Y, canon, name="Y")
         self._fit_diagnostics = []
         if labels is not None:
@@ -318,13 +373,13 @@ class LogitScore:
         self
             Any threshold is dropped: it belonged to the previous calibration set.
         """
-        canon = canonicalize(X, self.task, self.per_member, name="X", n_units=self.n_units, require_finite=True)
+        canon = canonicalize(X, name="X", n_units=self.n_units, require_finite=True, **self.layout)
         labels = None if Y is None else check_labels(Y, canon, name="Y")
         self._store_calibration(canon, labels)
         return self
 
     def _store_calibration(self, canon: CanonicalLogits, labels: torch.Tensor | None) -> None:
-        self.logits = canon.values.reshape(canon.input_shape)
+        self.logits = canon.input_logits()
         self.labels = labels
         self.n_units = canon.n_units
         self.scores = self._scores(canon)
@@ -337,7 +392,7 @@ class LogitScore:
 
     def _canonical_query(self, query_logits: Any, name: str = "query_logits") -> CanonicalLogits:
         """Query logits validated once (shape, class count); zero samples are allowed."""
-        return canonicalize(query_logits, self.task, self.per_member, name=name, n_units=self.n_units, allow_empty=True)
+        return canonicalize(query_logits, name=name, n_units=self.n_units, allow_empty=True, **self.layout)
 
     def _pass(self, canon: CanonicalLogits, *, prediction: bool = False, runner: bool = False) -> PassOutputs:
         """This score (and labels) in one pass (:func:`seapig_core.kernels.score_pass`)."""
@@ -451,14 +506,15 @@ class LogitScore:
         """
         q = check_open_unit(q, "q")
         if X is not None:
-            canon = canonicalize(X, self.task, self.per_member, name="X", n_units=self.n_units, require_finite=True)
+            canon = canonicalize(X, name="X", n_units=self.n_units, require_finite=True, **self.layout)
             scores = self._scores(canon)
         elif self.scores is None:
             raise ValueError("set_threshold() needs calibration scores: call fit() first.")
         else:
             scores = self.scores
         choice = quantile_threshold(
-            scores, q, score_name=self.name, saturation=self.saturation, temperature=self.T
+            scores, q, score_name=self.name, saturation=self.saturation, temperature=self._message_temperature,
+            remedy=self._saturation_remedy,
         )
         self.threshold = choice.threshold
         self.quantile = q
@@ -537,7 +593,7 @@ class LogitScore:
                     "Call fit(X, Y) or pass X and Y."
                 )
             X, Y = self.logits, self.labels
-        canon = canonicalize(X, self.task, self.per_member, name="X", n_units=self.n_units, require_finite=True)
+        canon = canonicalize(X, name="X", n_units=self.n_units, require_finite=True, **self.layout)
         labels = check_labels(Y, canon, name="Y")
         scores = self._scores(canon)
         errors = prediction_errors(canon, labels, temperature=self.T)
@@ -545,7 +601,11 @@ class LogitScore:
         self.threshold = result.threshold
         self.quantile = None
         self.risk_threshold = result
-        found = [saturation_diagnostic(scores, self.name, self.saturation, self.T)]
+        found = [
+            saturation_diagnostic(
+                scores, self.name, self.saturation, self._message_temperature, remedy=self._saturation_remedy
+            )
+        ]
         if result.n_selected == 0:
             found.append(nothing_selected_diagnostic(self.name, result.threshold, result.n_samples))
         self._threshold_diagnostics = [item for item in found if item is not None]
@@ -605,7 +665,12 @@ class LogitScore:
         return {
             "class": type(self).__name__,
             "name": self.name,
-            "settings": {"temperature": self.temperature, "task": self.task, "per_member": self.per_member},
+            "settings": {
+                "temperature": self.temperature,
+                "task": self.task,
+                "per_member": self.per_member,
+                "confidence_head": self.confidence_head,
+            },
             "state": {
                 "threshold": self.threshold,
                 "quantile": self.quantile,
@@ -667,7 +732,7 @@ class LogitScore:
         settings, fitted = state.get("settings") or {}, state.get("state") or {}
         if not isinstance(settings, dict) or not isinstance(fitted, dict):
             raise ValueError("The 'state' parameter must hold 'settings' and 'state' objects.")
-        unknown = set(settings) - {"temperature", "task", "per_member"}
+        unknown = set(settings) - {"temperature", "task", "per_member", "confidence_head"}
         if unknown:
             raise ValueError(f"The 'state' parameter has unknown settings {sorted(unknown)}.")
         score = score_cls(**settings)
@@ -718,8 +783,8 @@ class LogitScore:
                         f"The 'logits' parameter ({_describe(logits)}) does not fit the state's logits_shape {logits_shape!r}."
                     )
                 logits = logits.reshape(logits_shape)
-            canon = canonicalize(logits, self.task, self.per_member, name="logits", n_units=self.n_units)
-            self.logits = canon.values.reshape(canon.input_shape)
+            canon = canonicalize(logits, name="logits", n_units=self.n_units, **self.layout)
+            self.logits = canon.input_logits()
             if labels is not None:
                 self.labels = check_labels(labels, canon, name="labels")
         elif labels is not None:
@@ -919,6 +984,78 @@ class ProbabilityMarginScore(LogitScore):
     saturation = -1.0
 
 
+class ConfidenceScore(LogitScore):
+    """A learned confidence head's confidence, negated: ``-sigmoid(c)``, in ``[-1, 0]``.
+
+    For a model trained to output its own confidence next to its class logits (DeVries and
+    Taylor, "Learning Confidence for Out-of-Distribution Detection in Neural Networks", 2018:
+    a sigmoid confidence branch trained with the "hint" loss, where the network may ask for
+    the label at the price of a confidence penalty). The logits carry the branch's logit ``c``
+    (pre-sigmoid) as their last unit, ``(N, C + 1)`` (``confidence_head=True``, always; see
+    :mod:`seapig_core.layout`), so it is extracted, stored, calibrated and bundled like any
+    logits. ``per_member=True``: ``-sigmoid(c_m)`` averaged over the members.
+
+    Everything else reads the ``C`` class logits: :meth:`fit` with labels fits the class
+    temperature ``T`` by NLL as for every score (it sets the predictions, the metrics and the
+    other scores of a bundle), and :meth:`predict` is the arg-max class.
+
+    **No confidence temperature.** The score is ``-sigmoid(c)`` at every ``T``: a temperature
+    on ``c`` would not change the ranking of the samples, hence not which ones a quantile or
+    guaranteed-risk threshold selects; and fitting one (as a probability that the prediction is
+    right) runs to its lower bound on a calibration split that is almost all correct, which
+    would saturate the score. ``sigmoid(c)`` keeps the meaning the hint loss gave it during
+    training.
+
+    Like the softmax score it saturates at -1, here once ``c`` exceeds about 17 in float32 (37
+    in float64); thresholds then warn (see :meth:`set_threshold`).
+
+    Parameters
+    ----------
+    temperature : float or None, default None
+        The class temperature (see :class:`LogitScore`); it does not change this score.
+    task : {"multiclass", "binary", "multilabel"}, default "multiclass"
+        The task of the class logits.
+    per_member : bool, default False
+        A trailing member axis: ``(N, C + 1, M)``.
+    confidence_head : bool, default True
+        Must be True.
+
+    Examples
+    --------
+    >>> import torch
+    >>> logits = torch.tensor([[4.0, 0.0, 3.0], [4.0, 0.0, -1.0]])  # two classes and the confidence
+    >>> ConfidenceScore().score(logits)
+    tensor([-0.9526, -0.2689])
+    """
+
+    name = "confidence"
+    saturation = -1.0
+    reads_confidence = True
+    _saturation_remedy = (
+        "The confidence logits are so large there that sigmoid rounds to 1 (beyond about 17 in float32, 37 in "
+        "float64): store float64 logits, or rank these samples with a score of the class logits (energy, margin or "
+        "max_logit do not saturate)."
+    )
+
+    def __init__(
+        self,
+        temperature: float | None = None,
+        task: str = "multiclass",
+        per_member: bool = False,
+        confidence_head: bool = True,
+    ) -> None:
+        if check_bool(confidence_head, "confidence_head") is not True:
+            raise ValueError(
+                "The 'confidence_head' parameter of ConfidenceScore must be True: the score reads the "
+                "confidence logit, the last unit of (N, C + 1) logits. Got False instead."
+            )
+        super().__init__(temperature=temperature, task=task, per_member=per_member, confidence_head=True)
+
+    @property
+    def _message_temperature(self) -> float | None:
+        return None  # the score does not depend on it
+
+
 #: Score classes by registry name.
 SCORES: dict[str, type[LogitScore]] = {
     cls.name: cls
@@ -930,12 +1067,16 @@ SCORES: dict[str, type[LogitScore]] = {
         MaxLogitScore,
         CertaintyRatioScore,
         ProbabilityMarginScore,
+        ConfidenceScore,
     )
 }
 
 
 def make_score(name: str, **settings: Any) -> LogitScore:
-    """Create a score by registry name, e.g. ``make_score("entropy", task="binary")``."""
+    """Create a score by registry name, e.g. ``make_score("entropy", task="binary")``.
+
+    ``make_score("confidence")`` is a :class:`ConfidenceScore` (``confidence_head=True``).
+    """
     if name not in SCORES:
         raise ValueError(f"The 'name' parameter must be one of {sorted(SCORES)}. Got {name!r} instead.")
     return SCORES[name](**settings)

@@ -144,6 +144,7 @@ def quantile_threshold(
     score_name: str = "score",
     saturation: float | None = None,
     temperature: float | None = None,
+    remedy: str | None = None,
 ) -> ThresholdChoice:
     """The ``q``-quantile threshold of calibration scores, tie-aware.
 
@@ -160,6 +161,9 @@ def quantile_threshold(
         score), to name saturation as the cause of ties there.
     temperature : float, optional
         For messages.
+    remedy : str, optional
+        The sentence a saturation diagnostic ends with instead of the default (a
+        non-saturating score, float64 logits or a larger temperature).
 
     Returns
     -------
@@ -196,7 +200,9 @@ def quantile_threshold(
 
     diagnostics: list[dict[str, str]] = []
     if abs(coverage - q) > COVERAGE_TOLERANCE:
-        diagnostics.append(_coverage_diagnostic(finite, q, threshold, coverage, score_name, saturation, temperature, dtype))
+        diagnostics.append(
+            _coverage_diagnostic(finite, q, threshold, coverage, score_name, saturation, temperature, dtype, remedy)
+        )
     if count == 0:
         diagnostics.append(nothing_selected_diagnostic(score_name, threshold, n))
     return ThresholdChoice(threshold, coverage, n, count, diagnostics)
@@ -211,6 +217,7 @@ def _coverage_diagnostic(
     saturation: float | None,
     temperature: float | None,
     dtype: np.dtype,
+    remedy: str | None = None,
 ) -> dict[str, str]:
     n = finite.size
     # The tied group that holds the target rank q * n.
@@ -241,6 +248,8 @@ def _coverage_diagnostic(
     else:
         cause = f"{n_tied:,} of {n:,} calibration scores ({n_tied / n:.1%}) are tied at {_fmt_value(value)}"
         code = "ties"
+    if saturated and remedy is not None:
+        return diagnostic(code, f"{outcome}: {cause}, and a threshold selects or rejects a tied group as a whole. {remedy}")
     return diagnostic(
         code,
         f"{outcome}: {cause}, and a threshold selects or rejects a tied group "
@@ -259,12 +268,13 @@ def nothing_selected_diagnostic(score_name: str, threshold: float, n: int) -> di
 
 
 def saturation_diagnostic(
-    scores: Any, score_name: str, saturation: float | None, temperature: float | None
+    scores: Any, score_name: str, saturation: float | None, temperature: float | None, *, remedy: str | None = None
 ) -> dict[str, str] | None:
     """A ``"saturated"`` diagnostic when more than a point of the scores sit at ``saturation``.
 
     For thresholds without a coverage target (guaranteed-risk thresholds): the tied group
-    cannot be split, so the threshold cannot stop inside it.
+    cannot be split, so the threshold cannot stop inside it. ``remedy`` replaces the default
+    closing sentence (see :func:`quantile_threshold`).
     """
     if saturation is None:
         return None
@@ -277,12 +287,15 @@ def saturation_diagnostic(
     if n_tied <= 1 or n_tied / finite.size <= COVERAGE_TOLERANCE:
         return None
     temp = "" if temperature is None else f" at T = {temperature:.4g}"
+    advice = remedy or (
+        f"Use a score that keeps separating them ({_others(score_name)} do not saturate), float64 logits or a "
+        f"larger temperature."
+    )
     return diagnostic(
         "saturated",
         f"{n_tied:,} of {finite.size:,} calibration scores ({n_tied / finite.size:.1%}) of the {score_name} score "
         f"are tied at {_fmt_value(float(saturation))}, where it saturates in {dtype.name}{temp}: a threshold "
-        f"selects or rejects them as a whole. Use a score that keeps separating them ({_others(score_name)} "
-        f"do not saturate), float64 logits or a larger temperature.",
+        f"selects or rejects them as a whole. {advice}",
     )
 
 

@@ -68,8 +68,14 @@ def test_invalid_settings_name_the_parameter(kwargs: dict, error: type, message:
         CalibrationSettings(**kwargs)
 
 
+def _calibration_settings(confidence_head: bool, **kwargs) -> CalibrationSettings:
+    # The "confidence" score reads a learned confidence head: it needs confidence_head=True.
+    return CalibrationSettings(confidence_head=confidence_head or "confidence" in kwargs["scores"], **kwargs)
+
+
 _settings = st.builds(
-    CalibrationSettings,
+    _calibration_settings,
+    confidence_head=st.booleans(),
     scores=st.lists(st.sampled_from(sorted(SCORES)), min_size=1, max_size=3, unique=True),
     q=st.floats(0.01, 0.99),
     task=st.sampled_from(["multiclass", "binary", "multilabel"]),

@@ -188,6 +188,11 @@ def test_score_frame_equals_the_score_classes_on_probabilities_and_logits(score)
     logits = (3 * rng.standard_normal((500, 6))).astype(np.float32)
     probs = torch.from_numpy(logits).softmax(dim=1).numpy()
     df = pd.DataFrame({"probabilities": list(probs), "logits": list(logits)})
+    if SCORES[score].reads_confidence:  # a learned confidence head: not in a column of vectors
+        for kind in ("logits", "probabilities"):
+            with pytest.raises(ValueError, match=r"reads a learned confidence head's logit"):
+                score_frame(df, score, kind=kind)
+        return
     for T in (None, 1.7):
         out = score_frame(df, score, kind="logits", temperature=T)
         expected = make_score(score, temperature=T).score(torch.from_numpy(logits)).numpy()

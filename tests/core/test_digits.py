@@ -116,3 +116,62 @@ def test_weights_file_roundtrip_and_validation(tmp_path: Path) -> None:
         load_tensors(tmp_path / "pickle.safetensors")
     with pytest.raises(ValueError, match="existing tensor file"):
         load_tensors(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- the confidence head (issue 11.5)
+
+
+def test_the_hint_loss_equals_its_formula() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits, c_logit = torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
+    labels, hints = torch.tensor([0, 1, 2, 3, 0, 1]), torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    task, penalty = digits.confidence_hint_loss(logits, c_logit, labels, hints)
+    p = np.exp(logits.double().numpy())
+    p /= p.sum(axis=1, keepdims=True)
+    c = 1.0 / (1.0 + np.exp(-c_logit.double().numpy()))
+    asked = np.where(hints.numpy() == 1, c, 1.0)  # no hint: the prediction as it is
+    adjusted = asked * p[np.arange(6), labels.numpy()] + (1.0 - asked)  # p'_y = c p_y + (1 - c)
+    assert float(task) == pytest.approx(-np.log(adjusted).mean(), rel=1e-6)
+    assert float(penalty) == pytest.approx(-np.log(c).mean(), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_confidence_training_is_deterministic_and_cached(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    first = digits.digits_confidence_model(cache_dir=tmp_path, epochs=2)
+    assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
+    again = digits.train_digits_confidence_model(digits.ConfidenceTrainConfig(epochs=2))
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), name  # bit for bit
+    path = digits.confidence_weights_file(tmp_path, epochs=2)
+    assert path.is_file() and path != digits.weights_file(tmp_path, epochs=2)
+    stamp = path.stat().st_mtime_ns
+    cached = digits.digits_confidence_model(cache_dir=tmp_path, epochs=2)
+    assert path.stat().st_mtime_ns == stamp  # served from the cache, not retrained
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), cached.state_dict().values(), strict=True))
+    assert digits.confidence_weights_file(tmp_path, epochs=2, budget=0.5) != path  # the budget enters the fingerprint
+    logits, confidence = first.logits(torch.zeros(3, 8, 8))
+    assert logits.shape == (3, 10) and confidence.shape == (3,)
+    with pytest.raises(ValueError, match="'budget' parameter must be a positive number"):
+        digits.digits_confidence_model(cache_dir=tmp_path, budget=0)
+
+
+@pytest.mark.slow
+def test_the_learned_confidence_separates_out_of_distribution_kinds_better_than_a_coin(tmp_path: Path) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from seapig_core import ConfidenceScore, extract_logits
+
+    model = digits.digits_confidence_model(cache_dir=tmp_path)  # the default settings, trained in seconds
+    accuracy = digits.accuracy_by_split(model)
+    assert accuracy["test"] > 0.95 and accuracy["calibration"] > 0.93
+    loaders = digits.query_loaders(n_batches=3)
+    extracted = [extract_logits(model, loader, progress=False) for loader in loaders.values()]
+    assert all(e.confidence_head and e.logits.shape[1] == 11 for e in extracted)
+    scores = np.concatenate([ConfidenceScore().score(e.logits).numpy() for e in extracted])
+    kinds = np.array([digits.sample_kind(s) for e in extracted for s in e.sample_ids])
+    clean = kinds == "digit"
+    for ood in (("shape", "photo"), ("shape", "photo", "noisy", "rotated")):
+        chosen = clean | np.isin(kinds, ood)
+        auroc = roc_auc_score(~clean[chosen], scores[chosen])  # higher score: more uncertain
+        assert auroc > 0.6, (ood, auroc)  # a modest floor: clearly better than a coin (0.5)

@@ -395,8 +395,11 @@ def _ragged_logits():
 
 
 BAD_OUTPUTS = [
-    (lambda x: (x, x), TypeError, r"must return a torch\.Tensor\. Got tuple in batch 0"),
-    (lambda x: x.tolist(), TypeError, r"must return a torch\.Tensor\. Got list"),
+    # A pair is (logits, confidence logit) of a learned confidence head (tests/core/test_confidence.py).
+    (lambda x: (x, x), ValueError, r"confidence logit .* must be shaped like the logits without their unit axis .* in batch 0"),
+    (lambda x: x.tolist(), TypeError, r"must return a torch\.Tensor, or a \(logits, confidence_logit\) pair of tensors .* "
+                                      r"Got a list of 8 item"),
+    (lambda x: {"logits": x}, TypeError, r"must return a torch\.Tensor \(or a \(logits, confidence_logit\) pair .*\)\. Got dict"),
     (lambda x: torch.zeros(len(x) - 1, 3), ValueError, r"one row per input\. Got shape \(7, 3\) for 8 inputs in batch 0"),
     (lambda x: torch.tensor(1.0), ValueError, r"one row per input\. Got shape \(\)"),
     (_ragged_logits(), ValueError, r"keep its trailing shape.*Got \(4,\) in batch 1 instead of \(3,\)"),
@@ -406,7 +409,8 @@ BAD_OUTPUTS = [
 
 
 @pytest.mark.parametrize(
-    ("fn", "error", "message"), BAD_OUTPUTS, ids=["tuple", "list", "rows", "scalar", "ragged", "bool", "empty-rows"]
+    ("fn", "error", "message"), BAD_OUTPUTS,
+    ids=["tuple", "list", "dict", "rows", "scalar", "ragged", "bool", "empty-rows"],
 )
 def test_bad_model_outputs_are_refused(fn, error, message):
     with pytest.raises(error, match=message):

@@ -32,11 +32,13 @@ def test_public_api_is_importable_from_every_documented_path():
         "MaxLogitScore",
         "CertaintyRatioScore",
         "ProbabilityMarginScore",
+        "ConfidenceScore",
     ):
         cls = getattr(logits_module, name)
         assert getattr(seapig_core.scores, name) is cls
         assert getattr(seapig_core, name) is cls
-    assert set(SCORES) == set(SCORE_NAMES)
+    # The class-logit scores, and the learned confidence head's (tests/core/test_confidence.py).
+    assert set(SCORES) == {*SCORE_NAMES, "confidence"}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
