@@ -33,7 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from seapig_core.layout import check_task
+from seapig_core.kernels import score_pass
+from seapig_core.layout import canonicalize, check_task
 from seapig_core.probabilities import check_probabilities, logits_from_probabilities
 from seapig_core.scores import SCORES, make_score
 
@@ -353,9 +354,9 @@ def score_frame(
         logits = logits_from_probabilities(matrix, task, name=column)
     else:
         logits = torch.from_numpy(matrix)
-    values = scorer.score(logits).numpy()
-    prediction = scorer.predict(logits).numpy()
-    alternate = make_score("certainty_ratio", temperature=temperature, task=task).alternate_label(logits).numpy()
+    # Validated once and read once: the score, the prediction and the runner-up in one pass.
+    out = score_pass(canonicalize(logits, task, name=column), [scorer.name], scorer.T, labels=True)
+    values, prediction, alternate = out.scores[scorer.name].numpy(), out.prediction.numpy(), out.runner_up.numpy()
     return pd.DataFrame(
         {
             "score": values,

@@ -734,8 +734,11 @@ def plot_drift_trend(
                        linestyle="-" if ax is None else ":", label=f"KS statistic{suffix}")
     if "expected_rejection_rate" in frame.columns:
         expected = frame.groupby("_x", sort=True)["expected_rejection_rate"].mean()
-        rate_ax.step(expected.index, expected.to_numpy(), where="post", color="black", linestyle="--", linewidth=1.2,
-                     label="expected rejection rate")
+        style = {"color": "black", "linestyle": "--", "linewidth": 1.2, "label": "expected rejection rate"}
+        if len(expected) == 1:  # a step through one point draws nothing
+            rate_ax.axhline(float(expected.iloc[0]), **style)
+        else:
+            rate_ax.step(expected.index, expected.to_numpy(), where="post", **style)
     if "verdict" in frame.columns:
         drifted = frame[frame["verdict"] == "drift"]
         if len(drifted):
@@ -744,7 +747,8 @@ def plot_drift_trend(
             if "ks_statistic" in frame.columns and ax is None:
                 ks_ax.scatter(drifted["_x"], drifted["ks_statistic"], s=90, facecolors="none", edgecolors=_REJECTED_COLOR,
                               linewidths=1.5, zorder=3)
-    rate_ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    # decimals=None: as many as the tick spacing needs (rates 4.2% and 4.6% must not both read "4%").
+    rate_ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
     rate_ax.set_ylim(bottom=0)
     rate_ax.set_ylabel("rejection rate")
     ks_ax.axhline(limits.ks_statistic, color=_REJECTED_COLOR, linestyle="--", linewidth=1.0,
@@ -826,13 +830,13 @@ def plot_risk_coverage(
     fig, ax = _new_axes(ax, figsize=(7.0, 4.5))
     ax.plot(
         rc.coverage, rc.risk, color=_PRIMARY_COLOR, linewidth=1.8,
-        label=f"{label} (AURC = {rc.aurc:.4f}, E-AURC = {rc.eaurc:.4f}, AUGRC = {rc.augrc:.4f})",
+        label=f"{label} (AURC = {format_value(rc.aurc)}, E-AURC = {format_value(rc.eaurc)}, AUGRC = {format_value(rc.augrc)})",
     )
     top = float(np.max(rc.risk))
     if oracle:
         ax.plot(
             rc.oracle_coverage, rc.oracle_risk, color=_ORACLE_COLOR, linestyle="--", linewidth=1.5,
-            label=f"oracle (AURC = {rc.oracle_aurc:.4f})",
+            label=f"oracle (AURC = {format_value(rc.oracle_aurc)})",
         )
     if risk_threshold is not None:
         rt = risk_threshold

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -202,6 +203,22 @@ def test_trend_chart_from_past_runs() -> None:
     b_line = next(line for line in rate.get_lines() if line.get_label() == "rejection rate (b)")
     np.testing.assert_allclose(b_line.get_ydata(), 0.05 + 0.05 * np.arange(6))
     assert any(line.get_ydata()[0] == pytest.approx(0.15) for line in ks.get_lines() if "threshold" in line.get_label())
+
+
+def test_trend_chart_of_one_run_and_close_rates_is_readable() -> None:
+    # One run: the expected rate is still drawn (a step through one point draws nothing).
+    fig = plot_drift_trend([{"time": "run-0", "rejection_rate": 0.046, "expected_rejection_rate": 0.042}])
+    rate = fig.axes[0]
+    expected = next(line for line in rate.get_lines() if line.get_label() == "expected rejection rate")
+    np.testing.assert_allclose(expected.get_ydata(), 0.042)
+    assert len(expected.get_xdata()) == 2  # a line across the axes, not a lone point
+    # Close rates: tick labels keep the decimals that tell them apart (not every tick "4%").
+    fig = plot_drift_trend([{"time": f"run-{i}", "rejection_rate": r} for i, r in enumerate([0.042, 0.044, 0.046])])
+    rate = fig.axes[0]
+    rate.set_ylim(0.04, 0.048)
+    FigureCanvasAgg(fig).draw()
+    ticks = [t.get_text() for t in rate.get_yticklabels() if t.get_text()]
+    assert len(ticks) >= 3 and len(set(ticks)) == len(ticks), ticks
 
 
 def test_trend_chart_with_run_labels_on_given_axes_and_errors() -> None:
