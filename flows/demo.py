@@ -205,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     # The temporary server would try to send usage telemetry (and log an error offline); a
     # user's own setting wins.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect gives its temporary server 20 s to start; a first start on a busy machine (its
+    # database migrations) can take longer, and the demo would then fail before it began.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     target, ui_url = _prefect_target()
     print(f"seapig-core demo: running the calibration and scoring flows against {target}.")
     state = demo_flow(
