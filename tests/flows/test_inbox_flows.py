@@ -76,25 +76,26 @@ _RUNNER = textwrap.dedent(
     import seapig_core.pipeline as pipeline
     import tasks.inbox
 
-    real_write, real_plan = pipeline.write_selections, tasks.inbox.plan_scoring
+    real_writer, real_plan = pipeline.SelectionsWriter, tasks.inbox.plan_scoring
 
     def wait_for(path):
         deadline = time.time() + 60
         while not Path(path).exists() and time.time() < deadline:
             time.sleep(0.01)
 
-    def counting_write(table, path, **kwargs):
-        wait_for(other + ".planned")  # the run that claimed writes only once the other run has planned
-        with open(counter, "a") as handle:
-            handle.write(f"{os.getpid()} {Path(path).name}\\n")
-        return real_write(table, path, **kwargs)
+    class CountingWriter(real_writer):
+        def __enter__(self):
+            wait_for(other + ".planned")  # the run that claimed writes only once the other run has planned
+            with open(counter, "a") as handle:
+                handle.write(f"{os.getpid()} {self.path.name}\\n")
+            return super().__enter__()
 
     def signalling_plan(*args, **kwargs):
         plan = real_plan(*args, **kwargs)
         Path(me + ".planned").touch()
         return plan
 
-    pipeline.write_selections, tasks.inbox.plan_scoring = counting_write, signalling_plan
+    pipeline.SelectionsWriter, tasks.inbox.plan_scoring = CountingWriter, signalling_plan
     from flows.scoring import scoring_flow
 
     Path(me + ".ready").touch()

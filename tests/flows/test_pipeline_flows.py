@@ -135,15 +135,19 @@ def test_failing_batch_leaves_no_partial_file(
     # A write that dies half-way through batch-001 (e.g. the disk fills up).
     import seapig_core.selections as selections
 
-    real_write = selections.pq.write_table
+    class DyingWriter(selections.pq.ParquetWriter):
+        """Writes batch-001's first row group, then the disk is full."""
 
-    def dying_write(table, where, *args, **kwargs):
-        if "batch-001" in str(where):
-            Path(where).write_bytes(b"PAR1 half a file")
-            raise OSError(28, "No space left on device")
-        return real_write(table, where, *args, **kwargs)
+        def __init__(self, where, *args, **kwargs):
+            super().__init__(where, *args, **kwargs)
+            self.dies = "batch-001" in str(where)
 
-    monkeypatch.setattr(selections.pq, "write_table", dying_write)
+        def write_batch(self, batch, *args, **kwargs):
+            super().write_batch(batch, *args, **kwargs)
+            if self.dies:
+                raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(selections.pq, "ParquetWriter", DyingWriter)
     with np.load(queries / "batch-001.npz") as old:  # new content for batch-001: the ledger rescores it
         np.savez(queries / "batch-001.npz", logits=old["logits"], sample_ids=np.char.add(old["sample_ids"], "-v2"))
     state = scoring_flow(bundle_dir=str(calibrated["bundle"]), output_dir=str(out), logits_dir=str(queries), return_state=True)
