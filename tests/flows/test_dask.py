@@ -222,3 +222,17 @@ def test_a_bad_dask_parameter_fails_the_run_before_any_work_naming_it(bundle: di
     with pytest.raises(error, match=match):
         scoring_flow(bundle_dir=bundle["bundle_dir"], output_dir=str(tmp_path / "out"), logits_dir=str(inbox), **options)
     assert not (tmp_path / "out").exists()  # nothing claimed, nothing written
+
+
+def test_the_dask_deployment_is_manual_and_starts_a_local_cluster_by_default() -> None:
+    import yaml
+
+    from seapig_core.scaleout import check_dask_options
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect.yaml").read_text())
+    (deployment,) = [d for d in config["deployments"] if d["name"] == "inbox-scoring-dask"]
+    assert deployment["entrypoint"] == "flows/scoring.py:scoring_flow" and not deployment.get("schedules")
+    options = check_dask_options(deployment["parameters"]["dask"])
+    assert options.local and options.n_workers == 2 and options.threads_per_worker == 1
+    assert deployment["parameters"]["split_rows"] == 2_000_000
+    assert deployment["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
