@@ -160,8 +160,8 @@ def batch_outcome(batch: BatchInFlight) -> dict[str, Any]:
         return {"result": batch.future.result(), "error": None}
     for part in batch.parts:
         part.wait()
-    failed = [part.state for part in batch.parts if not part.state.is_completed()]
-    reason = _reason(failed[0] if failed else batch.future.state)
+    failed = [part for part in batch.parts if not part.state.is_completed()]
+    reason = _failure(failed[0] if failed else batch.future)
     if batch.plan is not None:
         discard_split_task(batch.plan)
     return {"result": None, "error": reason}
@@ -169,6 +169,23 @@ def batch_outcome(batch: BatchInFlight) -> dict[str, Any]:
 
 def _reason(state: State) -> str:
     return state.message or f"its task run ended {state.name}"
+
+
+def _failure(future: Any) -> str:
+    """Why a finished future's task did not complete: its state's message, or the cluster's error.
+
+    A task that never started on the cluster (its graph could not be unpickled by the scheduler
+    or a worker, a worker died) leaves its task run Pending; the Dask future holds the error.
+    """
+    state = future.state
+    if state.is_final():
+        return _reason(state)
+    try:
+        future.result(raise_on_failure=True)  # finished (waited for): returns or raises at once
+    except Exception as exc:  # the cluster's error, e.g. ModuleNotFoundError on the scheduler
+        cause = "" if exc.__cause__ is None else f" Caused by {type(exc.__cause__).__name__}: {exc.__cause__}"
+        return " ".join(f"The Dask cluster could not run the task: {type(exc).__name__}: {exc}{cause}".split())
+    return _reason(state)
 
 
 @task(name="record-outcome", task_run_name="record-{claim.batch}", cache_policy=NO_CACHE)
