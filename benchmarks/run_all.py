@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     make bench                          # or:
-    .venv/bin/python benchmarks/run_all.py [--only scores extract risk metrics inbox pipeline]
+    .venv/bin/python benchmarks/run_all.py [--only scores extract risk metrics inbox pipeline dask]
 
 Each ``benchmarks/bench_<name>.py`` writes its own table, with the command that produced it,
 to ``benchmarks/results/<name>.md``; this script runs them one after the other (never in
@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-ORDER = ("scores", "extract", "risk", "metrics", "inbox", "pipeline")
+ORDER = ("scores", "extract", "risk", "metrics", "inbox", "pipeline", "dask")
 
 
 def main() -> int:

@@ -13,20 +13,64 @@ from flows._parameters import describe_parameters
 from seapig_core._validation import check_positive_int
 from seapig_core.drift import check_drift_thresholds
 from seapig_core.inbox import check_scoring_dirs
+from seapig_core.ledger import Claim
+from seapig_core.scaleout import check_dask_options, check_split_rows
 from seapig_core.sources import check_source
 from tasks import (
     check_bundle_task,
     extract_logits_task,
     plan_scoring_task,
     publish_scoring_artifacts,
+    record_outcome_task,
     score_batch_task,
 )
 from tasks.alerts import run_state
 from tasks.artifacts import pipeline_key
+from tasks.scaleout import batch_outcome, dask_task_runner, submit_batch
 
 
 class ScoringFailed(RuntimeError):
     """Batches failed or inbox files were refused; the other batches were written and reported."""
+
+
+@flow(name="score-on-dask")
+@describe_parameters
+def score_on_dask_flow(
+    claims: list[Claim],
+    bundle_path: str,
+    output_dir: str,
+    thresholds: dict[str, Any] | None = None,
+    split_rows: int | None = None,
+) -> list[dict[str, Any]]:
+    """Score claimed batches on the Dask cluster of this subflow's task runner; one outcome per claim, in order.
+
+    The scoring flow runs this subflow with ``.with_options(task_runner=DaskTaskRunner(...))``
+    (a running flow cannot change its own task runner). Every batch is submitted at once: a
+    whole batch is one task; a batch of more than ``split_rows`` rows is split into row ranges,
+    each scored by its own task on whichever worker is free into a staged part file, then
+    merged in input order by one more task (:mod:`seapig_core.scaleout`). The ledger is not
+    touched here: the scoring flow records each outcome in its own process.
+
+    Parameters
+    ----------
+    claims : list of Claim
+        The batches the scoring run claimed.
+    bundle_path : str
+        The bundle version directory the run resolved.
+    output_dir : str
+        The selections directory (shared with the workers).
+    thresholds : dict, optional
+        The drift verdict's thresholds.
+    split_rows : int, optional
+        Split batches of more rows than this into row ranges; None scores every batch whole.
+
+    Returns
+    -------
+    list of dict
+        Per claim: ``result`` (the batch's summary) or ``error`` (why it failed).
+    """
+    in_flight = [submit_batch(claim, bundle_path, output_dir, thresholds, split_rows) for claim in claims]
+    return [batch_outcome(batch) for batch in in_flight]
 
 
 @flow(name="scoring")
@@ -47,6 +91,8 @@ def scoring_flow(
     drift_thresholds: dict[str, Any] | None = None,
     fail_on_drift: bool = False,
     review_count: int = 10,
+    dask: dict[str, Any] | None = None,
+    split_rows: int | None = None,
 ) -> State:
     """Score every query batch not scored yet, with one bundle version; publish the review artifacts.
 
@@ -102,6 +148,17 @@ def scoring_flow(
         End the run Failed (state "Drift detected") instead of Completed when a batch drifted.
     review_count : int, default 10
         Rejected samples listed in each batch's review queue (most uncertain first).
+    dask : dict, optional
+        Score on a Dask cluster (README, "Scale-out on Dask"): ``{"address":
+        "tcp://scheduler:8786"}`` for an existing cluster, or ``{"n_workers": 2,
+        "threads_per_worker": 1}`` (and ``memory_limit``) for a LocalCluster started for the
+        run; the batches then run in parallel on the workers, each worker loading the bundle
+        once. The input files, ``bundle_dir`` and ``output_dir`` must be on a file system the
+        workers share. Null (default): the batches run in threads of the flow's process.
+    split_rows : int, optional
+        With ``dask``: split each batch of more rows than this into row ranges scored on
+        different workers and merged, in input order, into its one selections file (identical
+        to scoring it whole). Null (default): every batch is scored whole.
 
     Returns
     -------
@@ -116,6 +173,13 @@ def scoring_flow(
     source = check_source(logits_dir, model, data, "logits_dir")
     thresholds = check_drift_thresholds(drift_thresholds, "drift_thresholds").to_dict()
     review_count = check_positive_int(review_count, "review_count")
+    cluster = check_dask_options(dask, "dask")
+    split_rows = check_split_rows(split_rows, "split_rows")
+    if split_rows is not None and cluster is None:
+        raise ValueError(
+            f"The 'split_rows' parameter splits batches across Dask workers, so it needs 'dask'. Got split_rows={split_rows} "
+            f"with dask=None."
+        )
     if not isinstance(fail_on_drift, bool):
         raise TypeError(f"The 'fail_on_drift' parameter must be true or false. Got {type(fail_on_drift).__name__} instead.")
     if archive_dir is not None and source != "files":
@@ -134,13 +198,29 @@ def scoring_flow(
         batches = {entry["batch"]: entry["path"] for entry in extracted}
     plan = plan_scoring_task(batches, output_dir, bundle["version"], rescore_on_new_bundle)
     get_run_logger().info(plan.describe())
-    futures = score_batch_task.map(
-        list(plan.claims), unmapped(bundle["version_path"]), unmapped(output_dir), unmapped(archive_dir),
-        unmapped(thresholds), unmapped(pipeline),
-    )
-    futures.wait()
-    scored = [future.result() for future in futures if future.state.is_completed()]
-    failed = {claim.batch: future.state.message for claim, future in zip(plan.claims, futures, strict=True) if not future.state.is_completed()}
+    if cluster is None or not plan.claims:
+        futures = score_batch_task.map(
+            list(plan.claims), unmapped(bundle["version_path"]), unmapped(output_dir), unmapped(archive_dir),
+            unmapped(thresholds), unmapped(pipeline),
+        )
+        futures.wait()
+        states = [future.state for future in futures]
+    else:
+        get_run_logger().info(
+            f"Scoring on {cluster.describe()}" + (f"; batches over {split_rows:,} rows are split into row ranges." if split_rows else ".")
+        )
+        run = score_on_dask_flow.with_options(task_runner=dask_task_runner(cluster))(
+            list(plan.claims), bundle["version_path"], output_dir, thresholds, split_rows, return_state=True
+        )
+        outcomes = run.result(raise_on_failure=False) if run.is_completed() else None
+        if not isinstance(outcomes, list):  # the cluster could not be reached or started: every claim fails
+            outcomes = [{"result": None, "error": f"Dask: {run.message}"}] * len(plan.claims)
+        states = [
+            record_outcome_task(claim, outcome, output_dir, archive_dir, pipeline, return_state=True)
+            for claim, outcome in zip(plan.claims, outcomes, strict=True)
+        ]
+    scored = [state.result() for state in states if state.is_completed()]
+    failed = {claim.batch: state.message for claim, state in zip(plan.claims, states, strict=True) if not state.is_completed()}
     if scored:
         inputs = {claim.batch: claim.input_path for claim in plan.claims}
         publish_scoring_artifacts(

@@ -13,7 +13,10 @@ entries goes through three steps, each a plain function that a Prefect task wrap
 2. :func:`score_claim`: score one claimed batch with exactly the bundle version the run
    resolved (:func:`seapig_core.pipeline.score_file` on the version directory), optionally
    move the input into an archive, and mark the claim done in the ledger (selections path,
-   summary, archive path), or failed with the reason (the next run claims it again).
+   summary, archive path), or failed with the reason (the next run claims it again). Its two
+   halves also stand alone, for runs that score elsewhere (Dask workers,
+   :mod:`seapig_core.scaleout`) and record the outcome in the process that claimed:
+   :func:`score_claimed` (scoring only) and :func:`complete_claim` / :func:`fail_claim`.
 3. :func:`archive_input`: move an input file (with a store entry's manifest) into the archive
    directory: a rename within one file system, a copy then a no-replace link across file
    systems; a name already taken by a different file is never overwritten (the newcomer gets
@@ -42,7 +45,17 @@ from seapig_core.pipeline import score_file
 from seapig_core.sources import scan_logit_files
 from seapig_core.store import entry_paths, is_entry
 
-__all__ = ["ScoringPlan", "archive_input", "check_scoring_dirs", "plan_scoring", "score_claim"]
+__all__ = [
+    "ScoringPlan",
+    "archive_input",
+    "check_scoring_dirs",
+    "claim_logits_sha256",
+    "complete_claim",
+    "fail_claim",
+    "plan_scoring",
+    "score_claim",
+    "score_claimed",
+]
 
 _STORE_SUFFIX = ".logits.arrow"
 _FINGERPRINT_ATTEMPTS = 5
@@ -225,6 +238,95 @@ def plan_scoring(
     )
 
 
+def claim_logits_sha256(claim: Claim) -> str | None:
+    """The content hash a selections file of ``claim`` records, when the claim already has it.
+
+    The claim's content hash is the file's SHA-256: scoring passes it on rather than hash the
+    file again. A store entry's provenance hash is its manifest's, which scoring reads (None).
+    """
+    return None if is_entry(claim.input_path) else claim.content_sha256
+
+
+def score_claimed(
+    claim: Claim,
+    bundle_path: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    thresholds: Any = None,
+    chunk_rows: int | None = None,
+    memory_budget_mb: int | None = None,
+) -> dict[str, Any]:
+    """Write the selections of one claimed batch (:func:`seapig_core.pipeline.score_file`); the ledger is not touched.
+
+    The scoring half of :func:`score_claim`, for runs that score on other processes or machines
+    (a Dask worker) and record the outcome where the claim was made (:func:`complete_claim`,
+    :func:`fail_claim`). Parameters as :func:`score_claim`.
+    """
+    return score_file(
+        bundle_path, claim.input_path, output_dir, claim.batch, thresholds=thresholds, chunk_rows=chunk_rows,
+        memory_budget_mb=memory_budget_mb, logits_sha256=claim_logits_sha256(claim),
+    )
+
+
+def complete_claim(
+    claim: Claim,
+    result: dict[str, Any],
+    output_dir: str | os.PathLike[str],
+    *,
+    archive_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Record a claimed batch whose selections are written: check its input, archive it if asked, mark it done.
+
+    The input must still hold the content that was claimed (a file replaced while it was scored
+    is failed, and the next run scores its new content); then it is moved into ``archive_dir``
+    (:func:`archive_input`) and the claim is marked done in the ledger of ``output_dir`` with
+    the selections path and the summary.
+
+    Parameters
+    ----------
+    claim : Claim
+        From :func:`plan_scoring`.
+    result : dict
+        What scoring returned (:func:`seapig_core.pipeline.score_file`, or the merge of row
+        ranges, :func:`seapig_core.scaleout.merge_ranges`): its ``path`` and summary.
+    output_dir : str or os.PathLike
+        The selections directory (the ledger's).
+    archive_dir : str or os.PathLike, optional
+        Move the input there (:func:`archive_input`).
+
+    Returns
+    -------
+    dict
+        ``result`` with ``archived_path`` (or None).
+
+    Raises
+    ------
+    Exception
+        Whatever the check, the archive or the ledger raised; the claim is then marked failed
+        with the reason, and the next run claims the batch again.
+    """
+    ledger = Ledger(output_dir)
+    try:
+        now = ledger.fingerprints({claim.batch: claim.input_path})[claim.batch]  # stat-cached: no re-read if unchanged
+        if now != claim.content_sha256:
+            raise ValueError(
+                f"The input file {claim.input_path!r} of batch {claim.batch!r} changed while it was being scored; "
+                f"the next run scores its new content."
+            )
+        archived = None if archive_dir is None else str(archive_input(claim.input_path, archive_dir, claim.batch))
+        summary = {key: value for key, value in result.items() if key not in ("batch", "path")}
+        ledger.complete(claim, result["path"], summary, archived_path=archived)
+    except Exception as exc:
+        ledger.fail(claim, f"{type(exc).__name__}: {exc}")
+        raise
+    return {**result, "archived_path": archived}
+
+
+def fail_claim(claim: Claim, reason: str, output_dir: str | os.PathLike[str]) -> None:
+    """Mark a claimed batch failed in the ledger of ``output_dir``, with the reason: the next run claims it again."""
+    Ledger(output_dir).fail(claim, reason)
+
+
 def score_claim(
     claim: Claim,
     bundle_path: str | os.PathLike[str],
@@ -236,6 +338,8 @@ def score_claim(
     memory_budget_mb: int | None = None,
 ) -> dict[str, Any]:
     """Score one claimed batch, archive its input if asked, and record the outcome in the ledger.
+
+    :func:`score_claimed`, then :func:`complete_claim` (or :func:`fail_claim`), in this process.
 
     Parameters
     ----------
@@ -269,28 +373,14 @@ def score_claim(
         Whatever scoring or archiving raised; the claim is then marked failed with the reason,
         and the next run claims the batch again.
     """
-    ledger = Ledger(output_dir)
     try:
-        # The claim's content hash is the file's SHA-256: pass it on rather than hash the file
-        # again (a store entry's provenance hash is its manifest's, which score_file reads).
-        known = None if is_entry(claim.input_path) else claim.content_sha256
-        result = score_file(
-            bundle_path, claim.input_path, output_dir, claim.batch, thresholds=thresholds, chunk_rows=chunk_rows,
-            memory_budget_mb=memory_budget_mb, logits_sha256=known,
+        result = score_claimed(
+            claim, bundle_path, output_dir, thresholds=thresholds, chunk_rows=chunk_rows, memory_budget_mb=memory_budget_mb
         )
-        now = ledger.fingerprints({claim.batch: claim.input_path})[claim.batch]  # stat-cached: no re-read if unchanged
-        if now != claim.content_sha256:
-            raise ValueError(
-                f"The input file {claim.input_path!r} of batch {claim.batch!r} changed while it was being scored; "
-                f"the next run scores its new content."
-            )
-        archived = None if archive_dir is None else str(archive_input(claim.input_path, archive_dir, claim.batch))
-        summary = {key: value for key, value in result.items() if key not in ("batch", "path")}
-        ledger.complete(claim, result["path"], summary, archived_path=archived)
     except Exception as exc:
-        ledger.fail(claim, f"{type(exc).__name__}: {exc}")
+        fail_claim(claim, f"{type(exc).__name__}: {exc}", output_dir)
         raise
-    return {**result, "archived_path": archived}
+    return complete_claim(claim, result, output_dir, archive_dir=archive_dir)
 
 
 # ----------------------------------------------------------------------------- archive

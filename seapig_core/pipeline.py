@@ -8,7 +8,8 @@ passes between Prefect tasks stays small.
 - :func:`calibrate_file`: calibration logits file -> selector bundle directory;
 - :func:`score_file`: bundle + query logits file -> ``<batch>.selections.parquet``, streamed;
 - :func:`score_rows` / :func:`merge_rows`: the same for row ranges of one file scored apart
-  (e.g. on Dask workers) and merged into one selections file in input order;
+  (e.g. on Dask workers) and merged into one selections file in input order
+  (:mod:`seapig_core.scaleout` stages the ranges in part files, for a Dask cluster);
 - :func:`calibration_review` / :func:`scoring_review`: bundle (+ selections) -> :class:`~seapig_core.reports.Report`;
 - :func:`content_fingerprint`: the content hash of a step's input or output, for cache keys.
 
@@ -461,6 +462,10 @@ class ScoredRows:
     def rows(self) -> int:
         return int(sum(b.num_rows for b in self.batches))
 
+    def iter_batches(self) -> Iterator[pa.RecordBatch]:
+        """Its selections record batches, in input order (what :func:`merge_rows` writes)."""
+        return iter(self.batches)
+
 
 def row_ranges(
     logits_path: str | os.PathLike[str], parts: int, *, chunk_rows: int | None = None, probabilities: bool | None = None
@@ -475,6 +480,11 @@ def row_ranges(
     rows = DEFAULT_CHUNK_ROWS if chunk_rows is None else check_positive_int(chunk_rows, "chunk_rows")
     with open_logits_file(logits_path, "logits_path", probabilities=probabilities) as source:
         n = source.n_samples
+    return _row_ranges(n, parts, rows)
+
+
+def _row_ranges(n: int, parts: int, rows: int) -> list[tuple[int, int]]:
+    """At most ``parts`` consecutive ranges of whole ``rows``-row chunks (the last may be short) covering ``n`` rows."""
     chunks = max(1, math.ceil(n / rows))
     per_part = math.ceil(chunks / parts)
     return [(a * rows, min((a + per_part) * rows, n)) for a in range(0, chunks, per_part)] if n else [(0, 0)]
@@ -535,15 +545,19 @@ def merge_rows(
 
     The parts must cover the file's rows consecutively, in input order; a sample id in two
     parts is refused. The file is written atomically (nothing is left if anything fails), with
-    the same schema and metadata as :func:`score_file` gives, and the returned dict is the one
-    :func:`score_file` returns.
+    the same schema and metadata as :func:`score_file` gives, one row group per record batch
+    of the parts (streamed: one at a time), and the returned dict is the one :func:`score_file`
+    returns (without ``chunk_rows``).
 
     Parameters
     ----------
     bundle : SelectorBundle or path
         The bundle the parts were scored with.
-    parts : sequence of ScoredRows
-        In input order.
+    parts : sequence of ScoredRows or StagedRows
+        In input order: :class:`ScoredRows` (record batches in memory) or
+        :class:`seapig_core.scaleout.StagedRows` (record batches in a staged part file); any
+        object with ``start``, ``stop``, ``summary``, ``sample_ids``, ``schema`` and
+        ``iter_batches()``.
     output_dir, batch, thresholds
         As :func:`score_file`.
     logits_path : str or os.PathLike, optional
@@ -575,7 +589,7 @@ def merge_rows(
     digest = logits_sha256 if logits_sha256 is not None else (None if logits_path is None else content_fingerprint(logits_path))
     with SelectionsWriter(path, parts[0].schema, _metadata(loaded, batch, digest)) as writer:
         for part in parts:
-            for record_batch in part.batches:
+            for record_batch in part.iter_batches():
                 writer.write(record_batch)
     return {
         "batch": batch,

@@ -23,6 +23,7 @@ _SOURCES = {
     "publish_drift_alert": "tasks.alerts",
     "publish_scoring_artifacts": "tasks.artifacts",
     "score_batch_task": "tasks.inbox",
+    "record_outcome_task": "tasks.scaleout",
 }
 
 __all__ = sorted(_SOURCES)
