@@ -591,11 +591,8 @@ class _NpyReader(_Reader):
             yield a, self.array[a:b], None, None
 
     def close(self) -> None:
-        mm = getattr(self.array, "_mmap", None)
-        self.array = None  # type: ignore[assignment]
-        if mm is not None:
-            with contextlib.suppress(BufferError):
-                mm.close()
+        mapped, self.array = self.array, None  # type: ignore[assignment]
+        _close_mapping(mapped)
 
 
 class _NpzMember:
@@ -749,11 +746,17 @@ class _NpzMember:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
-        mm = getattr(self._mapped, "_mmap", None)
-        self._mapped = None
-        if mm is not None:
-            with contextlib.suppress(BufferError):
-                mm.close()
+        mapped, self._mapped = self._mapped, None
+        _close_mapping(mapped)
+
+
+def _close_mapping(mapped: Any) -> None:
+    """Close the memory map behind ``mapped`` (a NumPy memmap or a pyarrow MemoryMappedFile
+    exposing ``_mmap``); left to the garbage collector while a view still holds it."""
+    mm = getattr(mapped, "_mmap", None)
+    if mm is not None:
+        with contextlib.suppress(BufferError):
+            mm.close()
 
 
 class _NpzReader(_Reader):
@@ -1037,11 +1040,8 @@ class _ArrowReader(_TableReader):
 
     def close(self) -> None:
         self.file_reader = self.stream_buffer = self.table = None
-        mm = getattr(self.mapping, "_mmap", None)
-        self.mapping = None  # type: ignore[assignment]
-        if mm is not None:
-            with contextlib.suppress(BufferError):
-                mm.close()
+        mapped, self.mapping = self.mapping, None  # type: ignore[assignment]
+        _close_mapping(mapped)
 
 
 class _StoreReader(_Reader):
