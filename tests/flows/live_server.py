@@ -56,6 +56,8 @@ REPO = Path(__file__).resolve().parents[2]
 PROJECT_FILES = ("prefect.yaml", "flows", "tasks")
 TERMINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
 LOG_TAIL = 4000
+RETRYABLE_STATUS = frozenset({429, 502, 503})
+RETRIES = 5
 
 T = TypeVar("T")
 
@@ -176,7 +178,14 @@ class LiveServer:
     def request(self, method: str, path: str, *, json: Any = None, expect: Sequence[int] = (200, 201, 204)) -> Any:
         """Call the REST API (``path`` relative to ``/api``); fail on an unexpected status."""
         url = path if path.startswith("http") else f"{self.api_url}/{path.lstrip('/')}"
-        response = self.http.request(method, url, json=json)
+        # Retry what Prefect's own client retries (prefect/client/base.py): 429, 502 and 503. A
+        # busy host makes SQLite time out now and then; the server answers 503 ("Service
+        # Unavailable") for such retryable database errors, after rolling the request back.
+        for attempt in range(RETRIES + 1):
+            response = self.http.request(method, url, json=json)
+            if response.status_code not in RETRYABLE_STATUS or attempt == RETRIES:
+                break
+            time.sleep(min(2.0**attempt, 10.0))
         if response.status_code not in expect:
             self.fail(f"{method} {url} answered {response.status_code}: {response.text[:2000]}")
         return response.json() if response.content else None
@@ -345,6 +354,7 @@ def live_prefect_server(
             "PREFECT_SERVER_UI_ENABLED": "true" if ui else "false",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": str(scheduler_loop_seconds),
+            "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true",  # a 503's cause goes into the server log
             **dict(settings or {}),
         }
         log_path = root / f"server-{attempt}.log"
