@@ -69,6 +69,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -349,11 +350,23 @@ def _first_index(mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return mask.mul_(weights).amax(dim=1).neg_().add_(k).to(torch.int64)
 
 
+def _argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Index of the first maximum of each row of a 2-D ``x`` (int64; rows without NaN).
+
+    numpy's on the CPU: torch's ``argmax(dim=1)`` is about 6x slower there (a 5k x 100 float32
+    block: 1.7 ms against 0.29 ms) and it is what the labels of every block need. Both return
+    the first of tied maxima.
+    """
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(x.numpy().argmax(axis=1).astype(np.int64, copy=False))
+    return x.argmax(dim=1)
+
+
 class CategoricalBlock:
     """One ``(R, K)`` block of categorical logits and the quantities scores share.
 
     Each quantity is computed on first use and kept for the block. Buffers come from the
-    thread's :class:`Workspace` (slots ``"a"``, ``"d"``, ``"m"``, ``"e"``, ``"w"``).
+    thread's :class:`Workspace` (slots ``"a"``, ``"d"``, ``"e"``, ``"w"``).
 
     Attributes
     ----------
@@ -371,18 +384,19 @@ class CategoricalBlock:
         work: Workspace | None = None,
         *,
         keep_shift: bool = True,
-        exp_follows: bool = True,
+        runner_up: bool = True,
     ) -> None:
         self.z, self.beta, self.T = z, beta, T
         self.work = Workspace() if work is None else work
         self.keep_shift = keep_shift  # False: the exponential overwrites the shift (no entropy then)
-        self.exp_follows = exp_follows  # False: the top-2 masks the shift in place (no exp then)
+        self.runner_up = runner_up  # False: the top-2 skips the runner-up's index (scores only)
         self._z_max: torch.Tensor | None = None
         self._is_max: torch.Tensor | None = None
         self._n_max: torch.Tensor | None = None
         self._shifted: torch.Tensor | None = None
         self._scaled = False
-        self._masked: torch.Tensor | None = None
+        self._first: torch.Tensor | None = None
+        self._runner: torch.Tensor | None = None
         self._second: torch.Tensor | None = None
         self._gap: torch.Tensor | None = None
         self._exp: torch.Tensor | None = None
@@ -414,24 +428,26 @@ class CategoricalBlock:
         """``z - z_max`` (non-positive, 0 at the maxima), unscaled until :meth:`_scaled_shift`."""
         if self._shifted is None:
             self._shifted = torch.sub(self.z, self.z_max.unsqueeze(1), out=_scratch(self.work, "d", self.z))
-        elif self._masked is not None and not self.exp_follows:
-            raise RuntimeError("CategoricalBlock: the shift was masked in place (exp_follows=False).")
         return self._shifted
 
     def _top2(self) -> None:
-        # Push the maxima to -finfo.max (0 * finfo.max = 0 leaves every other entry exact) and
-        # take the row max again: z_(2) - z_(1) of the unscaled shift. Must run before the
-        # shift is scaled in place.
+        # First maximum of the unscaled shift d = z - z_max (0 there, < 0 elsewhere: distinct
+        # floats never subtract to 0), pushed to -inf while the row max is taken again: that
+        # is z_(2) - z_(1), exactly 0 when the top is tied, and the first index of it is the
+        # runner-up (the second maximum when tied). The entry is put back (exactly 0) before
+        # anything else reads the shift. Two first-index searches and one max, instead of
+        # 0/1 masks of the maxima (torch's argmax is slow on the CPU, numpy's is not).
         if self._scaled:
             raise RuntimeError("CategoricalBlock: the top-2 must be taken before the exponential sum.")
-        slot = "m" if self.exp_follows else "d"  # in place when nothing reads the shift again
-        masked = torch.sub(
-            self._shift(), self.is_max, alpha=torch.finfo(self.z.dtype).max, out=_scratch(self.work, slot, self.z)
-        )
-        self._masked = masked
-        self._second = masked.amax(dim=1)  # z_(2) - z_(1) <= 0 (second distinct value)
-        gap = self._second * self.beta if self.beta != 1.0 else self._second.clone()
-        self._gap = gap.masked_fill_(self.n_max > 1, 0.0)
+        d = self._shift()
+        rows = torch.arange(d.shape[0], device=d.device)
+        first = _argmax_rows(d)
+        d[rows, first] = -math.inf
+        self._second = d.amax(dim=1)  # z_(2) - z_(1) <= 0; 0 when the top is tied
+        self._runner = _argmax_rows(d) if self.runner_up else None
+        d[rows, first] = 0.0
+        self._first = first
+        self._gap = self._second * self.beta if self.beta != 1.0 else self._second.clone()
 
     @property
     def scaled_gap(self) -> torch.Tensor:
@@ -489,33 +505,21 @@ class CategoricalBlock:
             self._entropy = _vectorised(torch.log1p, n_extra.add_(t)).sub_(weighted.div_(total))
         return self._entropy
 
-    def first_max(self, weights: torch.Tensor) -> torch.Tensor:
-        """Index of the first maximum of each row (int64); uses slot ``"w"``."""
-        marked = torch.mul(self.is_max, weights, out=_scratch(self.work, "w", self.z))
-        return marked.amax(dim=1).neg_().add_(self.z.shape[1]).to(torch.int64)
+    def first_max(self) -> torch.Tensor:
+        """Index of the first maximum of each row (int64)."""
+        return self._first if self._first is not None else _argmax_rows(self.z)
 
-    def top2_labels(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def top2_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(first, second)`` int64 class indices: the first maximum, and the runner-up.
 
         The runner-up is the second maximum when the top is tied, else the first index of the
-        second-largest value. Uses slots ``"w"`` and ``"m"`` (call after the scores).
+        second-largest value.
         """
-        if self._masked is None:
+        if self._first is None:
             self._top2()
-        marked = torch.mul(self.is_max, weights, out=_scratch(self.work, "w", self.z))
-        k = self.z.shape[1]
-        first = marked.amax(dim=1).neg_().add_(k).to(torch.int64)
-        ties = self.n_max > 1
-        if bool(ties.any()):
-            rows = torch.nonzero(ties).squeeze(1)
-            tied = marked[rows]
-            tied.scatter_(1, first[rows].clamp_(max=k - 1).unsqueeze(1), 0.0)
-            tied_second = tied.amax(dim=1).neg_().add_(k).to(torch.int64)
-        second_mask = torch.eq(self._masked, self._second.unsqueeze(1), out=self._masked)
-        second = _first_index(second_mask, weights)
-        if bool(ties.any()):
-            second[rows] = tied_second
-        return first, second
+        if self._runner is None:
+            raise RuntimeError("CategoricalBlock: the runner-up needs runner_up=True.")
+        return self._first, self._runner
 
 
 class BernoulliBlock:
@@ -775,7 +779,11 @@ class _Pass:
             self.ratio = self.scores.get("certainty_ratio")
             if self.ratio is None:
                 self.ratio = torch.empty(n, dtype=dtype, device=device)
-        self.finite = torch.ones(n, dtype=torch.bool, device=device)
+        # (numpy on the CPU: torch's fill of a chunk-sized tensor wakes the OpenMP team, about
+        # a millisecond per chunk on a busy host)
+        self.finite = (
+            torch.from_numpy(np.ones(n, dtype=bool)) if device.type == "cpu" else torch.ones(n, dtype=torch.bool, device=device)
+        )
         self.kernels = [KERNELS[name] for name in names if KERNELS[name].confidence is None]
         self.confidence_kernels = [KERNELS[name] for name in names if KERNELS[name].confidence is not None]
         if self.confidence_kernels and canon.confidence is None:
@@ -787,11 +795,9 @@ class _Pass:
         if ratio and "certainty_ratio" not in names:
             self.kernels.append(KERNELS["certainty_ratio"])
         self.wants_labels = prediction or runner
-        self.exp_follows = bool({"softmax", "entropy", "energy", "probability_margin"} & set(names)) or (
-            self.wants_labels and m > 1
-        )
-        # Indices are read off float weights: exact up to 2**24 classes in float32; beyond
-        # that (never seen in practice) the labels come from torch.topk.
+        # Bernoulli runner-up indices are read off float weights: exact up to 2**24 labels in
+        # float32; beyond that (never seen in practice) they come from torch.topk. Categorical
+        # labels are first-index searches, exact at any width.
         self.exact = k <= 2**24 or dtype == torch.float64
         self.weights = _descending_weights(k, values) if self.wants_labels else None
         self.members = m
@@ -823,10 +829,10 @@ class _Pass:
 
         if self.categorical:
             block = CategoricalBlock(
-                z, self.beta, self.T, work, keep_shift="entropy" in self.names, exp_follows=self.exp_follows
+                z, self.beta, self.T, work, keep_shift="entropy" in self.names, runner_up=self.want_runner and m == 1
             )
             # The top-2 reads the unscaled shift, so it comes before any exponential.
-            if any(kernel.top2 for kernel in self.kernels) or (self.want_runner and m == 1 and self.exact):
+            if any(kernel.top2 for kernel in self.kernels) or (self.want_runner and m == 1):
                 block.scaled_gap  # noqa: B018
             results = [(kernel.name, kernel.categorical(block)) for kernel in self.kernels]
         else:
@@ -860,7 +866,7 @@ class _Pass:
     def _labels(self, block: CategoricalBlock | BernoulliBlock, start: int, stop: int, work: Workspace) -> None:
         canon, m, beta = self.canon, self.members, self.beta
         pred = runner = None
-        if not self.exact and not canon.single_logit:
+        if not self.exact and not self.categorical and not canon.single_logit:
             pred, runner = _labels_by_topk(canon, start, stop, beta)
             if self.multilabel:
                 if self.want_prediction:
@@ -869,14 +875,14 @@ class _Pass:
         elif self.categorical:
             if m == 1:
                 if self.want_runner:
-                    pred, runner = block.top2_labels(self.weights)
+                    pred, runner = block.top2_labels()
                 else:  # the first maximum alone needs no top 2
-                    pred = block.first_max(self.weights)
+                    pred = block.first_max()
             else:
                 # Member-averaged probabilities, then their top 2.
                 probs = block.exp.div_(block.exp_sum.unsqueeze(1))  # the scores are done with it
                 mean = probs.view(stop - start, m, -1).mean(dim=1)
-                pred, runner = _top2_labels_of(mean, self.weights, work)
+                pred, runner = _top2_labels_of(mean, work)
         elif canon.single_logit:
             signed = canon.values[start:stop].reshape(stop - start, m)
             if m == 1:
@@ -903,18 +909,14 @@ class _Pass:
             self.runner[start:stop] = runner
 
 
-def _top2_labels_of(x: torch.Tensor, weights: torch.Tensor, work: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+def _top2_labels_of(x: torch.Tensor, work: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
     """``(first, second)`` indices of the two largest entries of each row of ``x``."""
-    return CategoricalBlock(x, 1.0, 1.0, None).top2_labels(weights)
+    return CategoricalBlock(x, 1.0, 1.0, None).top2_labels()
 
 
 def _labels_by_topk(canon: CanonicalLogits, start: int, stop: int, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prediction and runner-up with ``torch.topk`` (beyond 2**24 units in float32)."""
+    """Multilabel prediction and runner-up label beyond 2**24 labels in float32."""
     block = canon.values[start:stop]
-    if canon.family == "categorical":
-        source = block[:, :, 0] if canon.n_members == 1 else (block * beta).softmax(dim=1).mean(dim=2)
-        top = torch.topk(source, 2, dim=1).indices
-        return top[:, 0], top[:, 1]
     mean = torch.sigmoid(block * beta).mean(dim=2)
     return (mean > 0.5).to(torch.int64), torch.minimum(mean, 1.0 - mean).argmax(dim=1)
 
@@ -987,11 +989,17 @@ def pass_block_rows(canon: CanonicalLogits) -> int:
     few such blocks per thread (a streamed chunk) is cut finer, down to a quarter, so that the
     threads finish together."""
     rows = max(LANES, canon.block_rows(_PASS_BLOCK_BYTES) // LANES * LANES)
-    wanted = 4 * torch.get_num_threads()  # blocks per call that keep the threads busy to the end
+    threads = torch.get_num_threads()
+    wanted = 4 * threads  # blocks per call that keep the threads busy to the end
     if canon.n_samples < rows * wanted:
         finer = -(-canon.n_samples // wanted)
-        rows = max(rows // 4, -(-finer // LANES) * LANES, LANES)
-    return rows
+        return max(rows // 4, -(-finer // LANES) * LANES, LANES)
+    # As many blocks for each thread (a streamed chunk is a dozen blocks: one block more for
+    # one thread would leave the other idle for that long, every chunk).
+    blocks = -(-canon.n_samples // rows)
+    blocks = -(-blocks // threads) * threads
+    per_block = -(-canon.n_samples // blocks)
+    return max(LANES, -(-per_block // LANES) * LANES)
 
 
 # =========================================================================== one output each

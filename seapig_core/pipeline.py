@@ -76,6 +76,7 @@ from seapig_core.selections import (
     read_selections,
     selections_path,
     selections_schema,
+    write_selections_stream,
 )
 from seapig_core.sources import DEFAULT_CHUNK_ROWS, LogitsSource, SampleIdSet, open_logits_file, read_logits_file
 
@@ -421,8 +422,7 @@ def score_file(
         with budget.reserve(need), SelectionsWriter(
             path, selections_schema(bundle, source.id_kind, source.dtype), _metadata(bundle, batch, digest)
         ) as writer:
-            for record_batch in iter_selections(bundle, source, chunk_rows=rows, summary=summary):
-                writer.write(record_batch)
+            write_selections_stream(writer, bundle, source, chunk_rows=rows, summary=summary)
     return {
         "batch": batch,
         "path": str(path),

@@ -41,8 +41,10 @@ import contextlib
 import json
 import math
 import os
+import queue
+import threading
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,7 @@ __all__ = [
     "selections_table",
     "summarize_selections",
     "write_selections",
+    "write_selections_stream",
 ]
 
 SELECTIONS_FORMAT = "seapig_core.selections"
@@ -292,6 +295,53 @@ class SelectionsWriter:
             self._writer.write_batch(batch)
             self.rows += batch.num_rows
 
+    def write_all(self, batches: Iterable[Any], prepare: Callable[[Any], pa.RecordBatch] | None = None) -> int:
+        """Append every batch of ``batches``, writing each in a second thread while the next is made.
+
+        Parquet's encoding and compression release the GIL, so writing one chunk's selections
+        overlaps scoring the next (:func:`iter_selections`). At most one finished batch waits
+        for the writer: memory grows by one chunk's selections, not with the batch. The first
+        error on either side stops both and is raised here, after the writer thread has ended.
+
+        Parameters
+        ----------
+        batches : iterable
+            Record batches, or items that ``prepare`` turns into record batches.
+        prepare : callable, optional
+            Called on each item in the writer thread, in order (see
+            :func:`write_selections_stream`).
+
+        Returns
+        -------
+        int
+            The rows written so far (:attr:`rows`).
+        """
+        pending: queue.Queue[Any] = queue.Queue(maxsize=1)
+        failed: list[BaseException] = []
+
+        def drain() -> None:
+            while (batch := pending.get()) is not None:
+                if failed:
+                    continue  # keep taking batches so that the producer never blocks
+                try:
+                    self.write(batch if prepare is None else prepare(batch))
+                except BaseException as exc:  # raised in the caller's thread below
+                    failed.append(exc)
+
+        writer = threading.Thread(target=drain, name="seapig-selections-writer", daemon=True)
+        writer.start()
+        try:
+            for batch in batches:
+                if failed:
+                    break
+                pending.put(batch)
+        finally:
+            pending.put(None)
+            writer.join()
+        if failed:
+            raise failed[0]
+        return self.rows
+
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         stack, writer = self._stack, self._writer
         self._stack = self._writer = None
@@ -347,19 +397,58 @@ def iter_selections(
     pyarrow.RecordBatch
         With :func:`selections_schema` of the source's id kind and dtype.
     """
+    schema = selections_schema(bundle, source.id_kind, source.dtype)
+    for columns, offset in _scored_chunks(bundle, source, start=start, stop=stop, chunk_rows=chunk_rows, seen=seen):
+        if summary is not None:
+            summary.update(columns, offset)
+        yield _record_batch(columns, schema)
+
+
+def _scored_chunks(
+    bundle: SelectorBundle, source: Any, *, start: int, stop: int | None, chunk_rows: int | None, seen: Any
+) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """Each chunk's selections columns and first row (:func:`iter_selections` before Arrow)."""
     from seapig_core.sources import DEFAULT_CHUNK_ROWS
 
     chunk_rows = DEFAULT_CHUNK_ROWS if chunk_rows is None else check_positive_int(chunk_rows, "chunk_rows")
     check_source_fits(bundle, source)
-    schema = selections_schema(bundle, source.id_kind, source.dtype)
     name = source.name
     for chunk in source.iter_chunks(
         chunk_rows, start=start, stop=stop, labels=False, task=bundle.task, per_member=bundle.per_member, seen=seen
     ):
-        columns = _score_chunk(bundle, chunk.logits, chunk.sample_ids, name)
+        yield _score_chunk(bundle, chunk.logits, chunk.sample_ids, name), chunk.start
+
+
+def write_selections_stream(
+    writer: SelectionsWriter,
+    bundle: SelectorBundle,
+    source: Any,
+    *,
+    chunk_rows: int | None = None,
+    summary: SelectionSummary | None = None,
+) -> int:
+    """Score a logit file into an open :class:`SelectionsWriter`: :func:`iter_selections`, pipelined.
+
+    This thread reads and scores chunk after chunk; a second thread turns each scored chunk
+    into its record batch, adds it to ``summary`` and writes it (:meth:`SelectionsWriter.write_all`),
+    so the bookkeeping and the Parquet write of one chunk overlap the scoring of the next. The
+    file, the summary and the errors are those of writing every batch of :func:`iter_selections`.
+
+    Returns
+    -------
+    int
+        The rows written.
+    """
+    schema = selections_schema(bundle, source.id_kind, source.dtype)
+
+    def record_batch(scored: tuple[dict[str, np.ndarray], int]) -> pa.RecordBatch:
+        columns, offset = scored
         if summary is not None:
-            summary.update(columns, chunk.start)
-        yield _record_batch(columns, schema)
+            summary.update(columns, offset)
+        return _record_batch(columns, schema)
+
+    scored = _scored_chunks(bundle, source, start=0, stop=None, chunk_rows=chunk_rows, seen=None)
+    return writer.write_all(scored, record_batch)
 
 
 def check_source_fits(bundle: SelectorBundle, source: Any) -> None:

@@ -78,6 +78,7 @@ import os
 import re
 import struct
 import sys
+import threading
 import warnings
 import zipfile
 import zlib
@@ -346,9 +347,14 @@ class SampleIdSet:
         if len(ids) == 0:
             return
         keys = self._keys(ids)
-        ks = np.sort(keys)
-        starts, ends = self._runs(ks)
-        clash = bool((ks[1:] == ks[:-1]).any())
+        if self.kind == "int" and keys[0] <= keys[-1] and bool((np.diff(keys) == 1).all()):
+            ks = keys  # consecutive already (a row index): one run, no sort, no repeat within
+            starts, ends = keys[:1], keys[-1:]
+            clash = False
+        else:
+            ks = np.sort(keys)
+            starts, ends = self._runs(ks)
+            clash = bool((ks[1:] == ks[:-1]).any())
         if not clash:
             clash = any(bool(self._inside(s, e, starts, ends).any()) for s, e in self._levels)
         if clash:
@@ -564,6 +570,12 @@ def _check_values_dtype(dtype: np.dtype, what: str, path: Path) -> np.dtype:
     return dtype
 
 
+# numpy parses a .npy header with ast.literal_eval, and CPython 3.11.7's AST constructor is not
+# thread-safe: concurrent parses (the flow scores batches in threads) now and then raise
+# "SystemError: AST constructor recursion depth mismatch". One header at a time.
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 class _NpyReader(_Reader):
     """``.npy``: memory-mapped copy-on-write; chunks are views of the file's pages."""
 
@@ -572,7 +584,8 @@ class _NpyReader(_Reader):
     def __init__(self, path: Path, probabilities: bool) -> None:
         super().__init__(path)
         # numpy checks the header against the file's size before mapping anything.
-        self.array = np.load(path, mmap_mode="c", allow_pickle=False)
+        with _NPY_HEADER_LOCK:
+            self.array = np.load(path, mmap_mode="c", allow_pickle=False)
         if self.array.ndim == 0:
             raise ValueError(f"{str(path)!r}: the array must have a sample axis. Got a scalar.")
         self.dtype = _check_values_dtype(self.array.dtype, "probabilities" if probabilities else "logits", path)
@@ -611,7 +624,7 @@ class _NpzMember:
         self.info = info = archive.getinfo(f"{key}.npy")
         if info.flag_bits & 0x1:
             raise ValueError(f"{str(path)!r}: the array {key!r} is encrypted.")
-        with archive.open(info) as handle:
+        with _NPY_HEADER_LOCK, archive.open(info) as handle:
             version = np.lib.format.read_magic(handle)
             if version == (1, 0):
                 shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)

@@ -9,6 +9,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from scipy.special import expit, softmax
 from torch.overrides import TorchFunctionMode
 
@@ -122,6 +125,26 @@ def test_ties_at_the_top_predict_the_first_and_name_the_other_as_runner_up():
     assert out.scores["probability_margin"][[0, 1, 3]].tolist() == [0.0, 0.0, 0.0]
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    values=hnp.arrays(np.int8, hnp.array_shapes(min_dims=2, max_dims=2, min_side=2, max_side=9), elements=st.integers(-2, 2)),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    T=st.sampled_from([0.5, 1.0, 3.0]),
+)
+def test_labels_and_gap_on_tie_heavy_rows_match_a_stable_sort(values, dtype, T):
+    # Few distinct values per row: ties at the top and at the second place are the rule here.
+    x = torch.from_numpy(values.astype(dtype))
+    out = score_pass(canonicalize(x), ["margin", "softmax"], T)
+    order = np.argsort(-values, axis=1, kind="stable")  # ties keep their index order
+    np.testing.assert_array_equal(out.prediction.numpy(), order[:, 0])
+    np.testing.assert_array_equal(out.runner_up.numpy(), order[:, 1])
+    top = np.take_along_axis(values, order[:, :2], axis=1).astype(dtype)
+    np.testing.assert_array_equal(out.scores["margin"].numpy(), ((top[:, 1] - top[:, 0]) / dtype(T)).astype(dtype))
+    # The top-2 leaves the shift intact for the exponential: softmax as computed without labels.
+    alone = score_pass(canonicalize(x), ["softmax"], T, labels=False)
+    torch.testing.assert_close(out.scores["softmax"], alone.scores["softmax"], rtol=0, atol=0)
+
+
 class _Ops(TorchFunctionMode):
     def __init__(self):
         super().__init__()
@@ -148,7 +171,8 @@ def test_the_pass_uses_no_topk_argmax_or_isfinite_and_one_finiteness_test_per_bl
         torch.set_num_threads(previous)
     assert len(tests) == n_blocks > 1
     assert not {"topk", "argmax", "argmin", "isfinite", "sort", "max", "min"} & set(ops.names), set(ops.names)
-    # One row max and one top-2 per block: two `amax` over each block (plus the label indices).
+    # One row max and one top-2 per block: two `amax` over each block (the label indices are
+    # numpy's first-index searches).
     assert ops.names.count("amax") <= 4 * n_blocks
 
 

@@ -275,11 +275,41 @@ def test_a_repeated_sample_id_in_a_later_chunk_is_refused_and_nothing_is_written
     assert Path(first).read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["q.selections.parquet"]
 
 
+def test_a_write_failing_in_the_writer_thread_stops_scoring_and_leaves_the_earlier_file(fitted, tmp_path: Path, monkeypatch) -> None:
+    """score_file writes behind in a second thread: a disk error there reaches the caller, scoring
+    stops soon after, and the earlier selections file is kept (nothing partial is left)."""
+    bundle, _ = fitted
+    out = tmp_path / "out"
+    path = _write("npy", tmp_path, _query())
+    first = score_file(bundle, path, out, "q")["path"]
+    before = Path(first).read_bytes()
+    written, scored = [], []
+    original_write, original_score = selections_module.SelectionsWriter.write, selections_module._score_chunk
+
+    def failing_write(self, batch):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(batch.num_rows)
+        original_write(self, batch)
+
+    monkeypatch.setattr(selections_module.SelectionsWriter, "write", failing_write)
+    monkeypatch.setattr(selections_module, "_score_chunk", lambda *a: scored.append(1) or original_score(*a))
+    with pytest.raises(OSError, match="No space left"):
+        score_file(bundle, path, out, "q", chunk_rows=16)
+    chunks = -(-len(_query()) // 16)
+    assert len(scored) <= 4 < chunks  # stopped within a batch or two of the failure, not at the end
+    assert Path(first).read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["q.selections.parquet"]
+
+
 def test_sample_id_set_keeps_consecutive_ids_in_constant_memory_and_merges_ranges() -> None:
     seen = SampleIdSet()
     for start in range(0, 1_000_000, 65_536):
         seen.add(np.arange(start, min(start + 65_536, 1_000_000)))
     assert seen.intervals == 1 and seen.count == 1_000_000
+    with pytest.raises(ValueError, match=r"must be unique.*\[999990, 999991"):  # a consecutive run that overlaps
+        seen.add(np.arange(999_990, 1_000_010))
+    with pytest.raises(ValueError, match=r"must be unique.*\[0\]"):  # one id
+        seen.add(np.array([0]))
     rng = np.random.default_rng(0)
     shuffled = rng.permutation(200_000)
     parts = [SampleIdSet() for _ in range(4)]
