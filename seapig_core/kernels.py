@@ -439,9 +439,14 @@ class CategoricalBlock:
         # 0/1 masks of the maxima (torch's argmax is slow on the CPU, numpy's is not).
         if self._scaled:
             raise RuntimeError("CategoricalBlock: the top-2 must be taken before the exponential sum.")
-        d = self._shift()
-        rows = torch.arange(d.shape[0], device=d.device)
-        first = _argmax_rows(d)
+        rows = torch.arange(self.z.shape[0], device=self.z.device)
+        if self._z_max is None:  # the row max read off the first maximum: one pass fewer
+            first = _argmax_rows(self.z)
+            self._z_max = self.z[rows, first]
+            d = self._shift()
+        else:
+            d = self._shift()
+            first = _argmax_rows(d)
         d[rows, first] = -math.inf
         self._second = d.amax(dim=1)  # z_(2) - z_(1) <= 0; 0 when the top is tied
         self._runner = _argmax_rows(d) if self.runner_up else None
