@@ -801,8 +801,8 @@ class _Pass:
             self.kernels.append(KERNELS["certainty_ratio"])
         self.wants_labels = prediction or runner
         # Bernoulli runner-up indices are read off float weights: exact up to 2**24 labels in
-        # float32; beyond that (never seen in practice) they come from torch.topk. Categorical
-        # labels are first-index searches, exact at any width.
+        # float32; beyond that (never seen in practice) they come from torch's argmax.
+        # Categorical labels are first-index searches, exact at any width.
         self.exact = k <= 2**24 or dtype == torch.float64
         self.weights = _descending_weights(k, values) if self.wants_labels else None
         self.members = m
@@ -887,7 +887,7 @@ class _Pass:
                 # Member-averaged probabilities, then their top 2.
                 probs = block.exp.div_(block.exp_sum.unsqueeze(1))  # the scores are done with it
                 mean = probs.view(stop - start, m, -1).mean(dim=1)
-                pred, runner = _top2_labels_of(mean, work)
+                pred, runner = _top2_labels_of(mean)
         elif canon.single_logit:
             signed = canon.values[start:stop].reshape(stop - start, m)
             if m == 1:
@@ -914,7 +914,7 @@ class _Pass:
             self.runner[start:stop] = runner
 
 
-def _top2_labels_of(x: torch.Tensor, work: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+def _top2_labels_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(first, second)`` indices of the two largest entries of each row of ``x``."""
     return CategoricalBlock(x, 1.0, 1.0, None).top2_labels()
 

@@ -398,10 +398,18 @@ def iter_selections(
         With :func:`selections_schema` of the source's id kind and dtype.
     """
     schema = selections_schema(bundle, source.id_kind, source.dtype)
-    for columns, offset in _scored_chunks(bundle, source, start=start, stop=stop, chunk_rows=chunk_rows, seen=seen):
-        if summary is not None:
-            summary.update(columns, offset)
-        yield _record_batch(columns, schema)
+    for scored in _scored_chunks(bundle, source, start=start, stop=stop, chunk_rows=chunk_rows, seen=seen):
+        yield _summarised_batch(scored, schema, summary)
+
+
+def _summarised_batch(
+    scored: tuple[dict[str, np.ndarray], int], schema: pa.Schema, summary: SelectionSummary | None
+) -> pa.RecordBatch:
+    """One scored chunk (columns, first row) added to ``summary`` and made a record batch."""
+    columns, offset = scored
+    if summary is not None:
+        summary.update(columns, offset)
+    return _record_batch(columns, schema)
 
 
 def _scored_chunks(
@@ -440,15 +448,8 @@ def write_selections_stream(
         The rows written.
     """
     schema = selections_schema(bundle, source.id_kind, source.dtype)
-
-    def record_batch(scored: tuple[dict[str, np.ndarray], int]) -> pa.RecordBatch:
-        columns, offset = scored
-        if summary is not None:
-            summary.update(columns, offset)
-        return _record_batch(columns, schema)
-
     scored = _scored_chunks(bundle, source, start=0, stop=None, chunk_rows=chunk_rows, seen=None)
-    return writer.write_all(scored, record_batch)
+    return writer.write_all(scored, lambda item: _summarised_batch(item, schema, summary))
 
 
 def check_source_fits(bundle: SelectorBundle, source: Any) -> None:
