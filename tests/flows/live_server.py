@@ -56,8 +56,19 @@ REPO = Path(__file__).resolve().parents[2]
 PROJECT_FILES = ("prefect.yaml", "flows", "tasks")
 TERMINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
 LOG_TAIL = 4000
-RETRYABLE_STATUS = frozenset({429, 502, 503})
+# What Prefect's own client retries (prefect/client/base.py, PrefectHttpxSyncClient.send): these
+# statuses and transport errors, for every method.
+RETRYABLE_STATUS = frozenset({408, 429, 502, 503})
+RETRYABLE_ERRORS = (
+    httpx.TimeoutException,  # read, pool, connect and write timeouts
+    httpx.ReadError,
+    httpx.WriteError,
+    httpx.RemoteProtocolError,
+    httpx.LocalProtocolError,
+    httpx.ConnectError,  # only after start-up: the server answered /api/health before
+)
 RETRIES = 5
+REQUEST_TIMEOUT = 60
 
 T = TypeVar("T")
 
@@ -141,7 +152,7 @@ class LiveServer:
     root: Path
     server: _Process
     workers: list[_Process] = field(default_factory=list)
-    http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=30))
+    http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=REQUEST_TIMEOUT))
 
     # -- logs and failures -------------------------------------------------------------------
 
@@ -178,13 +189,22 @@ class LiveServer:
     def request(self, method: str, path: str, *, json: Any = None, expect: Sequence[int] = (200, 201, 204)) -> Any:
         """Call the REST API (``path`` relative to ``/api``); fail on an unexpected status."""
         url = path if path.startswith("http") else f"{self.api_url}/{path.lstrip('/')}"
-        # Retry what Prefect's own client retries (prefect/client/base.py): 429, 502 and 503. A
-        # busy host makes SQLite time out now and then; the server answers 503 ("Service
-        # Unavailable") for such retryable database errors, after rolling the request back.
+        # Retry what Prefect's own client retries, as its workers and CLI do against this server. A
+        # busy host makes SQLite time out now and then: the server answers 503 ("Service
+        # Unavailable") for such retryable database errors, after rolling the request back, or
+        # a request waits on the database lock past the client's timeout (seen in CI).
         for attempt in range(RETRIES + 1):
-            response = self.http.request(method, url, json=json)
+            try:
+                response = self.http.request(method, url, json=json)
+            except RETRYABLE_ERRORS as error:
+                if attempt == RETRIES:
+                    self.fail(f"{method} {url} failed {RETRIES + 1} times; the last time: {error!r}")
+                print(f"retrying {method} {url} after {error!r}", file=sys.stderr)  # shown if the test fails
+                time.sleep(min(2.0**attempt, 10.0))
+                continue
             if response.status_code not in RETRYABLE_STATUS or attempt == RETRIES:
                 break
+            print(f"retrying {method} {url} after status {response.status_code}", file=sys.stderr)
             time.sleep(min(2.0**attempt, 10.0))
         if response.status_code not in expect:
             self.fail(f"{method} {url} answered {response.status_code}: {response.text[:2000]}")
