@@ -362,6 +362,33 @@ def _argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(dim=1)
 
 
+def _entry_positions(x: torch.Tensor, columns: torch.Tensor) -> torch.Tensor | None:
+    """Flat positions of ``x[i, columns[i]]`` in ``x.view(-1)``; None if ``x`` is not contiguous.
+
+    One gather or fill through flat positions (``index_select``/``index_fill_``) costs about a
+    third of advanced indexing ``x[rows, columns]`` on a block, which builds both index tensors.
+    """
+    if not x.is_contiguous():
+        return None
+    n, k = x.shape
+    return torch.arange(0, n * k, k, device=x.device).add_(columns)
+
+
+def _entries(x: torch.Tensor, columns: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """``x[i, columns[i]]`` for every row ``i`` (``positions`` from :func:`_entry_positions`)."""
+    if positions is None:
+        return x[torch.arange(x.shape[0], device=x.device), columns]
+    return x.view(-1).index_select(0, positions)
+
+
+def _fill_entries(x: torch.Tensor, columns: torch.Tensor, positions: torch.Tensor | None, value: float) -> None:
+    """``x[i, columns[i]] = value`` for every row ``i``, in place."""
+    if positions is None:
+        x[torch.arange(x.shape[0], device=x.device), columns] = value
+    else:
+        x.view(-1).index_fill_(0, positions, value)
+
+
 class CategoricalBlock:
     """One ``(R, K)`` block of categorical logits and the quantities scores share.
 
@@ -435,22 +462,29 @@ class CategoricalBlock:
         # floats never subtract to 0), pushed to -inf while the row max is taken again: that
         # is z_(2) - z_(1), exactly 0 when the top is tied, and the first index of it is the
         # runner-up (the second maximum when tied). The entry is put back (exactly 0) before
-        # anything else reads the shift. Two first-index searches and one max, instead of
-        # 0/1 masks of the maxima (torch's argmax is slow on the CPU, numpy's is not).
+        # anything else reads the shift. Two first-index searches (the maxima are read off
+        # them), instead of 0/1 masks of the maxima (torch's argmax is slow on the CPU, numpy's
+        # is not). A first-index search returns a NaN's index in a row with one, so the values
+        # read off it are NaN exactly when a max would be.
         if self._scaled:
             raise RuntimeError("CategoricalBlock: the top-2 must be taken before the exponential sum.")
-        rows = torch.arange(self.z.shape[0], device=self.z.device)
         if self._z_max is None:  # the row max read off the first maximum: one pass fewer
             first = _argmax_rows(self.z)
-            self._z_max = self.z[rows, first]
+            self._z_max = _entries(self.z, first, _entry_positions(self.z, first))
             d = self._shift()
         else:
             d = self._shift()
             first = _argmax_rows(d)
-        d[rows, first] = -math.inf
-        self._second = d.amax(dim=1)  # z_(2) - z_(1) <= 0; 0 when the top is tied
-        self._runner = _argmax_rows(d) if self.runner_up else None
-        d[rows, first] = 0.0
+        at_first = _entry_positions(d, first)
+        _fill_entries(d, first, at_first, -math.inf)
+        if self.runner_up:
+            runner = _argmax_rows(d)
+            self._runner = runner
+            self._second = _entries(d, runner, _entry_positions(d, runner))  # z_(2) - z_(1) <= 0; 0 when tied
+        else:
+            self._second = d.amax(dim=1)
+            self._runner = None
+        _fill_entries(d, first, at_first, 0.0)
         self._first = first
         self._gap = self._second * self.beta if self.beta != 1.0 else self._second.clone()
 
