@@ -21,10 +21,11 @@ the end; 4M x 100 float32 is 1.6 GB per file):
   :func:`seapig_core.kernels.score_pass` (``labels=False``); Arrow IPC and store entries read by
   pyarrow from a memory map (``pyarrow.ipc.open_file(...).read_all()``) and scored batch by
   batch by the same pass (the cheapest pyarrow path: no copy into one tensor); Parquet
-  ``pyarrow.parquet.read_table`` alone. ``score_file`` is timed twice: as a caller without the
-  file's hash calls it (it hashes the file for the provenance, one more read of it) and as the
-  scoring flow calls it (the ledger already has the hash: ``logits_sha256=``). The page cache is
-  warm for both (each file is read once before timing).
+  ``pyarrow.parquet.read_table`` alone. ``score_file`` is timed twice: as a library caller
+  calls it (it fingerprints the file for the provenance: xxh3-128 of its bytes, a store entry
+  its manifest's SHA-256) and as the scoring flow calls it (the ledger already has the file's
+  SHA-256: ``logits_sha256=``). The page cache is warm for both (each file is read once
+  before timing).
 - **memory** (``--memory-rows`` sizes, each format): peak RssAnon (anonymous resident memory,
   sampled every millisecond by a separate thread) above the process's RssAnon just before the
   call, after the imports, the bundle load and a warm-up call on a small file. RssAnon, not
@@ -404,7 +405,9 @@ def main() -> int:
         "`pyarrow.ipc.open_file(memory_map).read_all()` + the same pass per record batch; Parquet: "
         "`pyarrow.parquet.read_table` alone. `score_file` writes the selections Parquet file (every column, "
         "the labels, the certainty ratio), the summary with drift statistics and the review queue; "
-        "\"hash given\" is how the scoring flow calls it (the ledger already hashed the file).",
+        "the plain call fingerprints the input for the selections' provenance (xxh3-128 of the file; a store "
+        "entry: its manifest's SHA-256); \"hash given\" is how the scoring flow calls it (the ledger already "
+        "has the file's SHA-256).",
         "",
     ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

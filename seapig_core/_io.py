@@ -43,6 +43,7 @@ __all__ = [
     "check_file_stem",
     "ensure_writable_dir",
     "file_sha256",
+    "file_xxh3_128",
     "header_problem",
     "is_temporary_name",
     "loads_json",
@@ -392,6 +393,32 @@ def sweep_stale_temporaries(
                 path.unlink()
             removed.append(path)
     return removed
+
+
+def file_xxh3_128(path: str | os.PathLike[str]) -> str:
+    """Hex xxh3-128 of a file's bytes: a fast, non-cryptographic content fingerprint.
+
+    For provenance only (which bytes a result came from), never where someone could gain by a
+    crafted collision: the scoring ledger and the caches key on SHA-256. It runs at memory
+    speed: 0.13 s for a 1.6 GB file here, where :func:`file_sha256` takes 1.2 s. The file is
+    memory-mapped (read-only), so nothing is copied.
+    """
+    import mmap
+
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size:  # an empty file cannot be mapped
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                view = memoryview(mapped)
+                try:
+                    for start in range(0, len(mapped), _HASH_CHUNK):
+                        digest.update(view[start : start + _HASH_CHUNK])
+                finally:
+                    view.release()
+    return digest.hexdigest()
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

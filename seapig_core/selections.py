@@ -31,7 +31,9 @@ Parquet schema (``schema_version`` 1), one row per query sample, in input order:
 
 The file's schema metadata key ``seapig_core`` holds JSON: ``format``
 (``"seapig_core.selections"``), ``schema_version``, ``library_version``, ``batch``, the primary
-score, its threshold and temperature, and the bundle's manifest SHA-256 and path. Files are
+score, its threshold and temperature, the bundle's version, manifest SHA-256 and path, and the
+input's fingerprint (``logits_sha256`` or ``logits_xxh3_128``, see
+:func:`seapig_core.pipeline.input_fingerprint`) when written by the pipeline. Files are
 written without timestamps, so scoring the same batch with the same bundle gives the same bytes.
 """
 
@@ -588,9 +590,17 @@ class SelectionSummary:
             ordered = np.sort(values)
             if ref.values.size < ordered.size:  # search the fewer values among the more
                 below = np.searchsorted(ordered, ref.values, side="left")  # query scores < each calibration value
-                at_or_below = np.searchsorted(ordered, ref.values, side="right")
-                self._equal += at_or_below - below
-                self._between += np.r_[below, ordered.size] - np.r_[0, at_or_below]  # in (c_{j-1}, c_j)
+                # Query scores <= each calibration value: the same, except where some equal it
+                # (rare for continuous scores), searched again only there.
+                at_or_below = below
+                hit = ordered[np.minimum(below, ordered.size - 1)] == ref.values
+                if hit.any():
+                    at_or_below = below.copy()
+                    at_or_below[hit] = np.searchsorted(ordered, ref.values[hit], side="right")
+                    self._equal += at_or_below - below
+                self._between[:-1] += below
+                self._between[-1] += ordered.size
+                self._between[1:] -= at_or_below  # in (c_{j-1}, c_j)
             else:
                 low = np.searchsorted(ref.values, ordered, side="left")
                 equal = ref.values[np.minimum(low, ref.values.size - 1)] == ordered  # at a calibration value

@@ -143,6 +143,8 @@ def test_score_claim_records_the_version_it_was_given(bundle: dict, tmp_path: Pa
     assert meta["bundle_version"] == bundle["version"] == result["bundle_version"]
     assert meta["bundle_manifest_sha256"] == bundle["manifest_sha256"] and meta["threshold"] == bundle["threshold"]
     assert meta["bundle_dir"] == str(Path(bundle["bundle_dir"]).resolve())
+    # The ledger's SHA-256 of the input, passed on (the file is not hashed a second time).
+    assert (meta["logits_sha256"], meta["logits_xxh3_128"]) == (claim.content_sha256, None)
     assert result["archived_path"] == str(tmp_path / "archive" / "batch-00.npy")
     assert not (tmp_path / "inbox" / "batch-00.npy").exists()
 

@@ -6,6 +6,7 @@ import hashlib
 import os
 
 import pytest
+import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,6 +16,7 @@ from seapig_core._io import (
     check_file_stem,
     ensure_writable_dir,
     file_sha256,
+    file_xxh3_128,
     read_json,
 )
 
@@ -56,6 +58,13 @@ def test_file_sha256_matches_hashlib(tmp_path):
     data = os.urandom(9_000_000)  # spans several read chunks
     (tmp_path / "f").write_bytes(data)
     assert file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("size", [0, 1, 4 << 20, 9_000_001])  # empty (cannot be mapped), one chunk, several
+def test_file_xxh3_128_matches_xxhash_over_the_bytes(tmp_path, size):
+    data = os.urandom(size)
+    (tmp_path / "f").write_bytes(data)
+    assert file_xxh3_128(tmp_path / "f") == xxhash.xxh3_128_hexdigest(data)
 
 
 @pytest.mark.parametrize("stem", ["", ".", "..", "../x", "a/b", "a\\b", "..hidden", "x\x00y", "/abs"])

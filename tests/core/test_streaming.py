@@ -20,6 +20,7 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 import torch
+import xxhash
 from scipy import stats
 
 import seapig_core.bundle as bundle_module
@@ -27,7 +28,15 @@ import seapig_core.selections as selections_module
 from seapig_core._validation import check_sample_ids
 from seapig_core.bundle import fit_selector, load_bundle
 from seapig_core.drift import drift_statistics
-from seapig_core.pipeline import calibrate_file, merge_rows, row_ranges, score_file, score_rows, scoring_review
+from seapig_core.pipeline import (
+    calibrate_file,
+    content_fingerprint,
+    merge_rows,
+    row_ranges,
+    score_file,
+    score_rows,
+    scoring_review,
+)
 from seapig_core.probabilities import logits_from_probabilities
 from seapig_core.review import review_queue
 from seapig_core.selections import (
@@ -172,6 +181,11 @@ def test_score_file_streams_the_same_selections_and_summary_as_the_whole_table(f
     assert pq.ParquetFile(result["path"]).metadata.num_row_groups == -(-ROWS // 128)  # row group by row group
     meta = streamed.attrs["seapig_core"]
     assert meta["bundle_version"] == bundle.version and meta["threshold"] == bundle.threshold and meta["batch"] == "q"
+    # The input's fingerprint: a store entry's manifest SHA-256, any other file's xxh3-128.
+    if kind == "store":
+        assert (meta["logits_sha256"], meta["logits_xxh3_128"]) == (content_fingerprint(path), None)
+    else:
+        assert (meta["logits_sha256"], meta["logits_xxh3_128"]) == (None, xxhash.xxh3_128_hexdigest(path.read_bytes()))
     expected = summarize_selections(bundle, table)
     assert {k: result[k] for k in expected} == expected
     assert result["review_queue"] == [
