@@ -362,6 +362,23 @@ def _argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(dim=1)
 
 
+_ROW_STARTS = threading.local()
+
+
+def _row_starts(n: int, k: int, device: torch.device) -> torch.Tensor:
+    """``[0, k, 2k, ...]`` (``n`` entries, int64): the flat position of each row's first entry.
+
+    Kept per thread for the last shape asked (every block of a pass but the last has the same
+    shape), since building it costs as much as the gather it serves.
+    """
+    key = (n, k, device)
+    cached = getattr(_ROW_STARTS, "value", None)
+    if cached is None or cached[0] != key:
+        cached = (key, torch.arange(0, n * k, k, device=device))
+        _ROW_STARTS.value = cached
+    return cached[1]
+
+
 def _entry_positions(x: torch.Tensor, columns: torch.Tensor) -> torch.Tensor | None:
     """Flat positions of ``x[i, columns[i]]`` in ``x.view(-1)``; None if ``x`` is not contiguous.
 
@@ -371,7 +388,7 @@ def _entry_positions(x: torch.Tensor, columns: torch.Tensor) -> torch.Tensor | N
     if not x.is_contiguous():
         return None
     n, k = x.shape
-    return torch.arange(0, n * k, k, device=x.device).add_(columns)
+    return torch.add(_row_starts(n, k, x.device), columns)
 
 
 def _entries(x: torch.Tensor, columns: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
