@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.scoring import ScoringFailed, scoring_flow
+from seapig_core._io import file_sha256
 from seapig_core.inbox import plan_scoring
 from seapig_core.ledger import LEDGER_NAME, Ledger
 from seapig_core.pipeline import calibrate_file, score_file
@@ -106,7 +107,8 @@ def _same_as_sequential(bundle: dict, inputs: dict[str, Path], out: Path, scored
     by_batch = {entry["batch"]: entry for entry in scored}
     assert sorted(by_batch) == sorted(inputs)
     for batch, path in inputs.items():
-        sequential = score_file(bundle["version_path"], path, tmp_path / "sequential", batch)
+        # As the flow calls it: with the SHA-256 its ledger keyed the input on (the files record it).
+        sequential = score_file(bundle["version_path"], path, tmp_path / "sequential", batch, logits_sha256=file_sha256(path))
         assert (out / f"{batch}.selections.parquet").read_bytes() == Path(sequential["path"]).read_bytes(), batch
         ignored = ("path", "ranges", "archived_path")
         assert {k: v for k, v in by_batch[batch].items() if k not in ignored} == {k: v for k, v in sequential.items() if k not in ignored}
