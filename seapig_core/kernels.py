@@ -39,9 +39,10 @@ Performance (1M x 100 float32 on the project's 2-core machines; ``benchmarks/ben
   fresh block-sized temporary costs more than the arithmetic on it: new pages, page faults).
 - Transcendental functions run on lengths that are multiples of :data:`LANES`, so a value
   never depends on where its row falls in a block: chunks give the whole tensor's values.
-- ``torch.topk``, ``argmax``, ``max(dim)`` with indices and ``isfinite`` along rows each cost
-  several to tens of plain float passes here, so the top-2, the indices and the finiteness
-  test are built from ``eq``/``sub``/``mul``/``amax``/``sum`` instead.
+- ``torch.topk``, torch's ``argmax``, ``max(dim)`` with indices and ``isfinite`` along rows
+  each cost several to tens of plain float passes here. Label indices are NumPy's first-index
+  searches (:func:`_argmax_rows`, exact at any width), the top-2 is one more search with the
+  first maximum set aside, and the finiteness test is one ``sum`` per block.
 - Robust speed on a busy host: torch runs every op on a block as a short OpenMP parallel
   region, and each region waits for its slowest thread; when other processes hold the cores,
   that thread is often descheduled, and the kernels slowed 20x and more. Instead, blocks are
@@ -339,27 +340,17 @@ def run_blocks(n_rows: int, block_rows: int, fn: BlockFn, *, device: torch.devic
 # =========================================================================== blocks
 
 
-def _descending_weights(k: int, like: torch.Tensor) -> torch.Tensor:
-    """``[k, k-1, ..., 1]``: the largest weight marks the first index of a 0/1 row mask."""
-    return torch.arange(k, 0, -1, dtype=like.dtype, device=like.device)
-
-
-def _first_index(mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Index of the first 1 of each row of a 0/1 float ``mask`` (modified in place); ``K`` if none."""
-    k = mask.shape[1]
-    return mask.mul_(weights).amax(dim=1).neg_().add_(k).to(torch.int64)
-
-
-def _argmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """Index of the first maximum of each row of a 2-D ``x`` (int64; rows without NaN).
+def _argmax_rows(x: torch.Tensor, *, smallest: bool = False) -> torch.Tensor:
+    """Index of the first maximum (``smallest``: minimum) of each row of a 2-D ``x`` (int64).
 
     numpy's on the CPU: torch's ``argmax(dim=1)`` is about 6x slower there (a 5k x 100 float32
     block: 1.7 ms against 0.29 ms) and it is what the labels of every block need. Both return
-    the first of tied maxima.
+    the first of tied extremes, exactly at any width, and a NaN's index in a row with one.
     """
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        return torch.from_numpy(x.numpy().argmax(axis=1).astype(np.int64, copy=False))
-    return x.argmax(dim=1)
+        found = x.numpy().argmin(axis=1) if smallest else x.numpy().argmax(axis=1)
+        return torch.from_numpy(found.astype(np.int64, copy=False))
+    return x.argmin(dim=1) if smallest else x.argmax(dim=1)
 
 
 _ROW_STARTS = threading.local()
@@ -618,10 +609,9 @@ class BernoulliBlock:
         """``beta * min_c |z_c|`` (a new tensor)."""
         return self.min_abs * self.beta
 
-    def closest_label(self, weights: torch.Tensor) -> torch.Tensor:
+    def closest_label(self) -> torch.Tensor:
         """First index of the smallest ``|z|`` of each row (int64)."""
-        mask = torch.eq(self.abs, self.min_abs.unsqueeze(1), out=_scratch(self.work, "w", self.z))
-        return _first_index(mask, weights)
+        return _argmax_rows(self.abs, smallest=True)
 
 
 # =========================================================================== score kernels
@@ -851,11 +841,6 @@ class _Pass:
         if ratio and "certainty_ratio" not in names:
             self.kernels.append(KERNELS["certainty_ratio"])
         self.wants_labels = prediction or runner
-        # Bernoulli runner-up indices are read off float weights: exact up to 2**24 labels in
-        # float32; beyond that (never seen in practice) they come from torch's argmax.
-        # Categorical labels are first-index searches, exact at any width.
-        self.exact = k <= 2**24 or dtype == torch.float64
-        self.weights = _descending_weights(k, values) if self.wants_labels else None
         self.members = m
 
     def outputs(self) -> PassOutputs:
@@ -922,13 +907,7 @@ class _Pass:
     def _labels(self, block: CategoricalBlock | BernoulliBlock, start: int, stop: int, work: Workspace) -> None:
         canon, m, beta = self.canon, self.members, self.beta
         pred = runner = None
-        if not self.exact and not self.categorical and not canon.single_logit:
-            pred, runner = _labels_by_topk(canon, start, stop, beta)
-            if self.multilabel:
-                if self.want_prediction:
-                    self.prediction[start:stop] = pred
-                pred = None
-        elif self.categorical:
+        if self.categorical:
             if m == 1:
                 if self.want_runner:
                     pred, runner = block.top2_labels()
@@ -951,14 +930,14 @@ class _Pass:
                 if self.want_prediction:
                     self.prediction[start:stop].copy_(block.z > 0)  # p > 0.5 exactly when z > 0
                 if self.want_runner:
-                    runner = block.closest_label(self.weights)
+                    runner = block.closest_label()
             else:
                 mean = _vectorised(torch.sigmoid, block.z * beta).view(stop - start, m, -1).mean(dim=1)
                 if self.want_prediction:
                     self.prediction[start:stop].copy_(mean > 0.5)
                 if self.want_runner:
                     closeness = torch.minimum(mean, 1.0 - mean)
-                    runner = _first_index(torch.eq(closeness, closeness.amax(dim=1, keepdim=True)).to(mean.dtype), self.weights)
+                    runner = _argmax_rows(closeness)
         if pred is not None and self.want_prediction:
             self.prediction[start:stop] = pred
         if runner is not None and self.want_runner:
@@ -968,13 +947,6 @@ class _Pass:
 def _top2_labels_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(first, second)`` indices of the two largest entries of each row of ``x``."""
     return CategoricalBlock(x, 1.0, 1.0, None).top2_labels()
-
-
-def _labels_by_topk(canon: CanonicalLogits, start: int, stop: int, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multilabel prediction and runner-up label beyond 2**24 labels in float32."""
-    block = canon.values[start:stop]
-    mean = torch.sigmoid(block * beta).mean(dim=2)
-    return (mean > 0.5).to(torch.int64), torch.minimum(mean, 1.0 - mean).argmax(dim=1)
 
 
 def score_pass(

@@ -125,6 +125,17 @@ def test_ties_at_the_top_predict_the_first_and_name_the_other_as_runner_up():
     assert out.scores["probability_margin"][[0, 1, 3]].tolist() == [0.0, 0.0, 0.0]
 
 
+def test_multilabel_runner_up_is_the_first_label_closest_to_its_boundary_on_ties():
+    # |z| tied between labels (and between members' mean probabilities): the first of them.
+    x = torch.tensor([[3.0, -1.0, 1.0, 2.0], [0.5, -0.5, 4.0, 0.5], [2.0, 2.0, -2.0, 2.0]])
+    assert score_pass(canonicalize(x, "multilabel"), ["margin"]).runner_up.tolist() == [1, 0, 0]
+    # Members' mean probabilities: ties of the same sign are exact there (sigmoid(-z) and
+    # 1 - sigmoid(z) may differ in the last bit, as in any probability-space reference).
+    y = torch.tensor([[3.0, 1.0, 1.0, 2.0], [0.5, 4.0, 0.5, 0.5], [-2.0, -2.0, 3.0, -2.0]])
+    members = torch.stack([y, y], dim=2)  # (N, K, 2): two identical members
+    assert score_pass(canonicalize(members, "multilabel", per_member=True), ["margin"]).runner_up.tolist() == [1, 0, 0]
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     values=hnp.arrays(np.int8, hnp.array_shapes(min_dims=2, max_dims=2, min_side=2, max_side=9), elements=st.integers(-2, 2)),
