@@ -234,3 +234,15 @@ def test_summarize_selections_carries_the_verdict() -> None:
     for key in ("binomial_pvalue", "rate_pvalue", "psi", "reasons", "mean_score", "calibration_mean_score", "non_finite"):
         assert key in noise
     json.dumps(noise, allow_nan=False)
+
+
+@pytest.mark.parametrize(("n", "k", "m"), [(100, 15, 300), (4_000_000, 250_000, 1_000_000), (7, 0, 0), (1, 3, 3)])
+def test_the_beta_binomial_pmf_is_scipys(n: int, k: int, m: int) -> None:
+    from seapig_core.drift import _BetaBinomial
+
+    a, b = k + 0.5, m - k + 0.5
+    xs = np.unique(np.r_[np.linspace(0, n, 50).round().astype(np.int64), 0, n])
+    mine, theirs = _BetaBinomial(n, a, b), stats.betabinom(n, a, b)
+    np.testing.assert_allclose(mine.logpmf(xs), theirs.logpmf(xs), rtol=1e-13, atol=1e-9)
+    np.testing.assert_allclose(mine.pmf(xs), theirs.pmf(xs), rtol=1e-12, atol=1e-300)
+    assert float(mine.logpmf(int(xs[len(xs) // 2]))) == pytest.approx(float(theirs.logpmf(int(xs[len(xs) // 2]))), rel=1e-13)
