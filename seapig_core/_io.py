@@ -37,6 +37,7 @@ __all__ = [
     "JSON_MAX_BYTES",
     "JSON_MAX_DEPTH",
     "STALE_FOREIGN_SECONDS",
+    "MappedFileHash",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -414,6 +415,60 @@ def file_xxh3_128(path: str | os.PathLike[str]) -> str:
         while count := handle.readinto(buffer):
             digest.update(view[:count])
     return digest.hexdigest()
+
+
+class MappedFileHash:
+    """:func:`file_xxh3_128` of a memory-mapped file, hashed in file order as a reader reads it.
+
+    A reader that maps a whole file calls :meth:`advance` with the end of each byte range it is
+    about to read: the bytes up to there are hashed then, through the same mapping, so their
+    pages are faulted in once (for the hash, and then the reader finds them mapped) and the
+    file is not read a second time. :meth:`hexdigest` hashes whatever was not read. The digest
+    is that of every mapped byte in file order, whatever the calls: ``advance`` never goes
+    back, so a range read twice or out of order is hashed once, in its place. It is the
+    fingerprint of the bytes actually read, even if the file changes on disk meanwhile.
+
+    Parameters
+    ----------
+    mapping : buffer
+        The whole file, mapped (an ``mmap.mmap`` or a ``uint8`` NumPy memmap from offset 0).
+
+    Examples
+    --------
+    >>> import mmap, pathlib, tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
+    >>> _ = path.write_bytes(bytes(range(256)) * 10)
+    >>> with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+    ...     hasher = MappedFileHash(mapped)
+    ...     hasher.advance(1000)  # a reader is about to read bytes [0, 1000)
+    ...     digest = hasher.hexdigest()
+    ...     hasher.release()
+    >>> digest == file_xxh3_128(path)
+    True
+    """
+
+    def __init__(self, mapping: Any) -> None:
+        import xxhash
+
+        self._view = memoryview(mapping).cast("B")
+        self._done = 0
+        self._digest = xxhash.xxh3_128()
+
+    def advance(self, end: int) -> None:
+        """Hash every byte before ``end`` not hashed yet (a reader is about to read up to there)."""
+        end = min(int(end), len(self._view))
+        if end > self._done:
+            self._digest.update(self._view[self._done : end])
+            self._done = end
+
+    def hexdigest(self) -> str:
+        """Hash the rest of the file; the hex xxh3-128 of all its bytes (:func:`file_xxh3_128`)."""
+        self.advance(len(self._view))
+        return self._digest.hexdigest()
+
+    def release(self) -> None:
+        """Let go of the mapping (before it is closed)."""
+        self._view.release()
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -39,6 +39,7 @@ written without timestamps, so scoring the same batch with the same bundle gives
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import math
@@ -256,7 +257,8 @@ class SelectionsWriter:
     schema : pyarrow.Schema
         :func:`selections_schema`.
     metadata : dict, optional
-        JSON-serialisable entries added to the file's ``seapig_core`` metadata.
+        JSON-serialisable entries added to the file's ``seapig_core`` metadata; more can be
+        added before the file is closed (:meth:`update_metadata`).
 
     Examples
     --------
@@ -269,8 +271,24 @@ class SelectionsWriter:
         self.path = Path(path)
         self.schema = _with_metadata(schema, metadata)
         self.rows = 0
+        self._metadata = dict(metadata or {})
+        self._late: dict[str, Any] = {}
+        self._tmp: Path | None = None
         self._stack: contextlib.ExitStack | None = None
         self._writer: pq.ParquetWriter | None = None
+
+    def update_metadata(self, metadata: Mapping[str, Any]) -> None:
+        """Add or replace ``seapig_core`` metadata entries, written when the file is closed.
+
+        For what is known only once every batch is written (the input's fingerprint hashed
+        while it was read). Parquet keeps the metadata in its footer, written at the close:
+        the file's Arrow schema (``ARROW:schema``) and ``seapig_core`` entries are replaced
+        there, and read back before the file is moved into place.
+        """
+        if self._writer is None:
+            raise RuntimeError("SelectionsWriter.update_metadata() outside its 'with' block.")
+        json.dumps(dict(metadata), allow_nan=False, default=str)  # refuse now what could not be written
+        self._late.update(metadata)
 
     def __enter__(self) -> SelectionsWriter:
         ensure_writable_dir(self.path.parent, "output_dir")
@@ -286,11 +304,33 @@ class SelectionsWriter:
             ids = self.schema.field("sample_id").type if "sample_id" in self.schema.names else None
             encoding = {"sample_id": "DELTA_BINARY_PACKED"} if ids is not None and pa.types.is_integer(ids) else None
             self._writer = pq.ParquetWriter(str(tmp), self.schema, use_dictionary=labels, column_encoding=encoding)
+            self._tmp = Path(tmp)
         except BaseException:
             stack.close()
             raise
         self._stack = stack
         return self
+
+    def _final_metadata(self, writer: pq.ParquetWriter) -> pa.Schema | None:
+        """Put the late entries into the footer's metadata; the schema the file must read back as."""
+        if not self._late:
+            return None
+        final = _with_metadata(self.schema, {**self._metadata, **self._late})
+        # What pyarrow's writer stores at open (parquet/arrow/writer.cc, GetSchemaMetadata): the
+        # schema's own entries, and the schema IPC-serialised under ARROW:schema, in base64.
+        entries = {key.decode(): value.decode() for key, value in (final.metadata or {}).items()}
+        entries["ARROW:schema"] = base64.b64encode(final.serialize().to_pybytes()).decode()
+        writer.add_key_value_metadata(entries)
+        return final
+
+    def _check_metadata(self, final: pa.Schema) -> None:
+        """Refuse the file unless it reads back with ``final``'s metadata (a pyarrow change would)."""
+        written = pq.read_schema(str(self._tmp))
+        if (written.metadata or {}).get(_META_KEY) != final.metadata[_META_KEY]:
+            raise RuntimeError(
+                f"pyarrow {pa.__version__} did not record the selections metadata given at the close of "
+                f"{str(self.path)!r}; the file was not written."
+            )
 
     def write(self, batch: pa.RecordBatch) -> None:
         """Append one record batch (of :func:`iter_selections`) as a row group."""
@@ -357,7 +397,10 @@ class SelectionsWriter:
         with stack:  # commits the temporary file, or removes it on an exception
             if writer is not None:
                 try:
+                    final = self._final_metadata(writer) if exc_type is None else None
                     writer.close()
+                    if final is not None:
+                        self._check_metadata(final)
                 except BaseException:
                     if exc_type is None:
                         raise

@@ -74,6 +74,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import mmap
 import os
 import re
 import struct
@@ -95,7 +96,7 @@ import pyarrow.parquet as pq
 import torch
 
 from seapig_core import store
-from seapig_core._io import check_file_stem, loads_json, resolve_inside
+from seapig_core._io import MappedFileHash, check_file_stem, file_xxh3_128, loads_json, resolve_inside
 from seapig_core._validation import check_positive_int, check_sample_ids
 
 __all__ = [
@@ -548,9 +549,18 @@ class _Reader:
     id_kind: str = "index"  # "index" (the row index), "int" or "str"
     probabilities: bool = False
     copies: float = 0.0  # anonymous copies of a chunk's values the reader makes (see chunk_bytes)
+    hasher: MappedFileHash | None = None  # set by hash_while_reading() where the format maps the file
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    def hash_while_reading(self) -> None:  # noqa: B027 - formats that do not map the file read it again
+        """Hash the file's bytes as :meth:`pieces` reads them (:class:`MappedFileHash`), if it can."""
+
+    def release_hasher(self) -> None:
+        hasher, self.hasher = self.hasher, None
+        if hasher is not None:
+            hasher.release()
 
     @property
     def n_samples(self) -> int:
@@ -597,13 +607,27 @@ class _NpyReader(_Reader):
     def n_samples(self) -> int:
         return int(self.array.shape[0])
 
+    def hash_while_reading(self) -> None:
+        # Rows are byte ranges of the file only in C order, and numpy maps from offset 0 (and to
+        # the file's end) only for a header under the allocation granularity and no trailing
+        # bytes: every float array numpy writes. Otherwise the file is read again at the end.
+        mapped = getattr(self.array, "_mmap", None)
+        data_end = self.array.offset + self.array.nbytes
+        if mapped is not None and self.array.flags.c_contiguous and self.array.offset < mmap.ALLOCATIONGRANULARITY:
+            if len(mapped) == data_end == self.path.stat().st_size:
+                self.hasher = MappedFileHash(mapped)
+
     def pieces(self, start: int, stop: int | None, max_rows: int, labels: bool) -> Iterator[_Piece]:
         stop = self.n_samples if stop is None else stop
+        row_bytes = self.array.itemsize * int(np.prod(self.array.shape[1:], dtype=np.int64))
         for a in range(start, stop, max_rows):
             b = min(a + max_rows, stop)
+            if self.hasher is not None:
+                self.hasher.advance(self.array.offset + b * row_bytes)
             yield a, self.array[a:b], None, None
 
     def close(self) -> None:
+        self.release_hasher()
         mapped, self.array = self.array, None  # type: ignore[assignment]
         _close_mapping(mapped)
 
@@ -1002,6 +1026,23 @@ class _ArrowReader(_TableReader):
         compressed = self.file_reader is not None and self.file_reader.num_record_batches and self._compressed()
         self.copies = 1.0 if compressed or self.table is not None else 0.0
 
+    def hash_while_reading(self) -> None:
+        # Uncompressed record batches are byte ranges of the mapping (compressed ones are
+        # decompressed elsewhere, and a Feather version 1 file is read whole): read again then.
+        if self.table is None and not self.copies:
+            self.hasher = MappedFileHash(self.mapping)
+
+    def _batch_end(self, batch: pa.RecordBatch) -> int:
+        """The file offset just past ``batch``'s last buffer in the mapping (its body ends there)."""
+        base, size = pa.py_buffer(self.mapping).address, len(self.mapping)
+        ends = [
+            buf.address + buf.size - base
+            for column in batch.columns
+            for buf in column.buffers()
+            if buf is not None and base <= buf.address < base + size
+        ]
+        return max(ends, default=0)
+
     def _compressed(self) -> bool:
         batch = self.file_reader.get_batch(0)  # type: ignore[union-attr]
         address = pa.py_buffer(self.mapping).address
@@ -1045,6 +1086,8 @@ class _ArrowReader(_TableReader):
             rows = batch.num_rows
             end = offset + rows if stop is None else min(offset + rows, stop)
             if end > start:
+                if self.hasher is not None:
+                    self.hasher.advance(self._batch_end(batch))
                 batch = batch.select(columns)
                 for low in range(max(offset, start), end, max_rows):
                     high = min(low + max_rows, end)
@@ -1052,6 +1095,7 @@ class _ArrowReader(_TableReader):
             offset += rows
 
     def close(self) -> None:
+        self.release_hasher()
         self.file_reader = self.stream_buffer = self.table = None
         mapped, self.mapping = self.mapping, None  # type: ignore[assignment]
         _close_mapping(mapped)
@@ -1129,6 +1173,18 @@ class LogitsSource:
     def close(self) -> None:
         """Release the file (memory maps, zip handles)."""
         self._reader.close()
+
+    def xxh3_128(self) -> str:
+        """The hex xxh3-128 of the file's bytes (:func:`seapig_core._io.file_xxh3_128`'s value).
+
+        Opened with ``hash_while_reading=True``, a ``.npy`` or an uncompressed Arrow IPC file
+        hashes the bytes of each chunk as it reads them, through its memory
+        map (:class:`~seapig_core._io.MappedFileHash`): this then hashes only the bytes not
+        read, and the digest is of the bytes scored. Other formats read the file again here.
+        Call it while the source is open.
+        """
+        hasher = self._reader.hasher
+        return file_xxh3_128(self.path) if hasher is None else hasher.hexdigest()
 
     @property
     def format(self) -> str:
@@ -1293,7 +1349,11 @@ class LogitsSource:
 
 
 def open_logits_file(
-    path: str | os.PathLike[str], name: str = "logits_path", *, probabilities: bool | None = None
+    path: str | os.PathLike[str],
+    name: str = "logits_path",
+    *,
+    probabilities: bool | None = None,
+    hash_while_reading: bool = False,
 ) -> LogitsSource:
     """Open a logit file: check its headers, read no data (see :class:`LogitsSource`).
 
@@ -1307,6 +1367,9 @@ def open_logits_file(
         Whether the file holds probabilities rather than logits. Default: as the file says (a
         ``probabilities`` column or array, or table metadata; a ``.npy`` holds logits). Given,
         it must agree with what the file says (only a ``.npy`` cannot say).
+    hash_while_reading : bool, default False
+        Hash the file's bytes as chunks are read, where the format maps the file, for
+        :meth:`LogitsSource.xxh3_128` (one pass over memory instead of a second read).
 
     Returns
     -------
@@ -1344,6 +1407,8 @@ def open_logits_file(
         raise ValueError(f"The '{name}' file {str(path)!r} could not be read as logits: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any failure parsing an untrusted file is a bad file
         raise ValueError(f"The '{name}' file {str(path)!r} could not be read as logits ({type(exc).__name__}: {exc}).") from exc
+    if hash_while_reading:
+        reader.hash_while_reading()
     return LogitsSource(reader, name)
 
 

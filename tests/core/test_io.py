@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from seapig_core._io import (
+    MappedFileHash,
     atomic_path,
     atomic_write_json,
     check_file_stem,
@@ -65,6 +66,25 @@ def test_file_xxh3_128_matches_xxhash_over_the_bytes(tmp_path, size):
     data = os.urandom(size)
     (tmp_path / "f").write_bytes(data)
     assert file_xxh3_128(tmp_path / "f") == xxhash.xxh3_128_hexdigest(data)
+
+
+@given(
+    data=st.binary(min_size=1, max_size=5000),
+    ends=st.lists(st.integers(min_value=-10, max_value=6000), max_size=12),
+)
+def test_mapped_file_hash_is_the_file_hash_whatever_the_order_of_the_reads(tmp_path_factory, data, ends):
+    """A reader's ranges, in any order, repeated or past the end: the digest is still the file's, in file order."""
+    import mmap
+
+    path = tmp_path_factory.mktemp("mapped") / "f"
+    path.write_bytes(data)
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        hasher = MappedFileHash(mapped)
+        for end in ends:
+            hasher.advance(end)
+        digest = hasher.hexdigest()
+        hasher.release()  # the mapping can then be closed
+    assert digest == xxhash.xxh3_128_hexdigest(data) == file_xxh3_128(path)
 
 
 @pytest.mark.parametrize("stem", ["", ".", "..", "../x", "a/b", "a\\b", "..hidden", "x\x00y", "/abs"])

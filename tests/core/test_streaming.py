@@ -164,6 +164,73 @@ def test_every_format_streams_chunks_equal_to_the_whole_file(kind: str, tmp_path
     np.testing.assert_array_equal(data.logits.numpy(), x.astype(data.logits.numpy().dtype))
 
 
+# Formats whose chunks are byte ranges of the file's memory map: hashed as they are read (a store
+# entry is fingerprinted by its manifest, and never needs it).
+MAPPED = {"npy", "arrow", "arrow-stream"}
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+def test_a_source_hashes_the_bytes_it_reads_as_it_reads_them(kind: str, tmp_path: Path) -> None:
+    """Issue 10: the input's fingerprint costs no second read where the file is mapped, and is always the file's."""
+    path = _write(kind, tmp_path, _query(), None if kind.startswith("npy") else _ids())
+    expected = xxhash.xxh3_128_hexdigest(path.read_bytes())
+    with open_logits_file(path, hash_while_reading=True) as source:
+        chunks = source.iter_chunks(97, labels=False)
+        next(chunks)
+        hasher = source._reader.hasher
+        assert (hasher is not None) == (kind in MAPPED)
+        if hasher is not None:  # the first chunk's bytes were hashed before it was handed out, not the rest
+            assert 97 * K * 4 <= hasher._done < path.stat().st_size
+        for _ in chunks:
+            pass
+        assert source.xxh3_128() == expected
+    with open_logits_file(path, hash_while_reading=True) as source:  # a partial read: still the whole file's
+        for _ in source.iter_chunks(64, start=250, stop=731, labels=False):
+            pass
+        assert source.xxh3_128() == expected
+    with open_logits_file(path) as source:  # not asked: no hashing while reading
+        assert source._reader.hasher is None and source.xxh3_128() == expected
+
+
+def test_the_fingerprint_is_written_at_the_close_as_if_given_at_the_open(fitted, tmp_path: Path) -> None:
+    """The late metadata reads back exactly as metadata given upfront: same footer schema, same attrs."""
+    _, root = fitted
+    path = _write("npy", tmp_path, _query())
+    late = Path(score_file(root / "bundle", path, tmp_path / "late", "q", chunk_rows=128)["path"])
+    meta = read_selections(late).attrs["seapig_core"]
+    upfront = tmp_path / "upfront.parquet"
+    written = pq.read_table(late)
+    schema = written.schema.with_metadata({k: v for k, v in written.schema.metadata.items() if k != b"seapig_core"})
+    given = {k: v for k, v in meta.items() if k not in ("format", "schema_version", "library_version")}
+    with selections_module.SelectionsWriter(upfront, schema, given) as writer:
+        for batch in written.to_batches(max_chunksize=128):
+            writer.write(batch)
+    assert pq.read_schema(late).equals(pq.read_schema(upfront), check_metadata=True)
+    footer = pq.ParquetFile(late).metadata.metadata
+    assert footer[b"ARROW:schema"] == pq.ParquetFile(upfront).metadata.metadata[b"ARROW:schema"]
+    assert [key for key in footer if key == b"ARROW:schema"] == [b"ARROW:schema"]  # replaced, not repeated
+    assert meta["logits_xxh3_128"] == xxhash.xxh3_128_hexdigest(path.read_bytes()) and meta["logits_sha256"] is None
+
+
+def test_late_metadata_is_checked_and_a_file_that_lost_it_is_not_written(fitted, tmp_path: Path, monkeypatch) -> None:
+    bundle, _ = fitted
+    schema = selections_schema(bundle)
+    out = tmp_path / "s.parquet"
+    writer = selections_module.SelectionsWriter(out, schema, {"batch": "b"})
+    with pytest.raises(RuntimeError, match="outside its 'with' block"):
+        writer.update_metadata({"x": 1})
+    with pytest.raises(ValueError, match="Out of range float"), selections_module.SelectionsWriter(out, schema) as writer:
+        writer.update_metadata({"x": float("nan")})  # refused when given, not at the close
+    assert not out.exists()
+    # A pyarrow that stopped writing the footer entries given at the close: refused loudly, nothing left.
+    monkeypatch.setattr(pq.ParquetWriter, "add_key_value_metadata", lambda self, metadata: None)
+    with pytest.raises(RuntimeError, match="did not record the selections metadata"), selections_module.SelectionsWriter(
+        out, schema, {"batch": "b"}
+    ) as writer:
+        writer.update_metadata({"logits_xxh3_128": "0" * 32})
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("kind", ["npy", "npz", "npz-compressed", "parquet", "arrow", "feather", "store"])
 def test_score_file_streams_the_same_selections_and_summary_as_the_whole_table(fitted, kind: str, tmp_path: Path) -> None:
     """Items 1-2: the streamed file equals selections_table + write_selections (values, schema, pandas metadata)."""
