@@ -425,7 +425,7 @@ def main() -> int:
         "`pyarrow.parquet.read_table` alone; each floor ends with its file closed and its memory released, "
         "as `score_file`'s time does. `score_file` writes the selections Parquet file (every column, "
         "the labels, the certainty ratio), the summary with drift statistics and the review queue; "
-        "the plain call fingerprints the input for the selections' provenance (xxh3-128 of the file; a store "
+        "the plain call fingerprints the input for the selections' provenance (xxh3-128 of the file, hashed as its chunks are read where it is memory-mapped: `.npy`, Arrow IPC; a store "
         "entry: its manifest's SHA-256); \"hash given\" is how the scoring flow calls it (the ledger already "
         "has the file's SHA-256).",
         "",
