@@ -370,11 +370,6 @@ def input_fingerprint(
     return {"logits_sha256": logits_sha256, "logits_xxh3_128": None}
 
 
-def _hashes_input(logits_path: str | os.PathLike[str], logits_sha256: str | None) -> bool:
-    """Whether :func:`input_fingerprint` will hash the file (no SHA-256 given, not a store entry)."""
-    return logits_sha256 is None and not store.is_entry(logits_path)
-
-
 def _metadata(bundle: SelectorBundle, batch: str, fingerprint: Mapping[str, str | None]) -> dict[str, Any]:
     return {
         "batch": batch,
@@ -461,18 +456,16 @@ def score_file(
     budget = memory_budget(memory_budget_mb)
     # Without a SHA-256 to record, the file is hashed as its chunks are read (the fingerprint
     # of the bytes scored, written into the file's footer at the close), not read twice.
-    hashes = _hashes_input(logits_path, logits_sha256)
+    hashes = logits_sha256 is None and not store.is_entry(logits_path)
     with open_logits_file(logits_path, "logits_path", probabilities=probabilities, hash_while_reading=hashes) as source:
         check_source_fits(bundle, source)
         rows, need = _chunk_rows(bundle, source, chunk_rows, budget)
-        known = {"logits_sha256": None, "logits_xxh3_128": None} if hashes else input_fingerprint(logits_path, logits_sha256)
         summary = SelectionSummary(bundle, queue_rows)
         with budget.reserve(need), SelectionsWriter(
-            path, selections_schema(bundle, source.id_kind, source.dtype), _metadata(bundle, batch, known)
+            path, selections_schema(bundle, source.id_kind, source.dtype), _metadata(bundle, batch, {})
         ) as writer:
             write_selections_stream(writer, bundle, source, chunk_rows=rows, summary=summary)
-            if hashes:
-                writer.update_metadata(input_fingerprint(logits_path, source=source))
+            writer.update_metadata(input_fingerprint(logits_path, logits_sha256, source=source))
     return {
         "batch": batch,
         "path": str(path),

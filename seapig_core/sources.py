@@ -1032,24 +1032,22 @@ class _ArrowReader(_TableReader):
         if self.table is None and not self.copies:
             self.hasher = MappedFileHash(self.mapping)
 
-    def _batch_end(self, batch: pa.RecordBatch) -> int:
-        """The file offset just past ``batch``'s last buffer in the mapping (its body ends there)."""
+    def _buffer_ends(self, batch: pa.RecordBatch) -> list[int | None]:
+        """Each buffer's end as a file offset; None for one outside the mapping (decompressed)."""
         base, size = pa.py_buffer(self.mapping).address, len(self.mapping)
-        ends = [
-            buf.address + buf.size - base
+        return [
+            buf.address + buf.size - base if base <= buf.address < base + size else None
             for column in batch.columns
             for buf in column.buffers()
-            if buf is not None and base <= buf.address < base + size
+            if buf is not None
         ]
-        return max(ends, default=0)
+
+    def _batch_end(self, batch: pa.RecordBatch) -> int:
+        """The file offset just past ``batch``'s last buffer in the mapping (its body ends there)."""
+        return max((end for end in self._buffer_ends(batch) if end is not None), default=0)
 
     def _compressed(self) -> bool:
-        batch = self.file_reader.get_batch(0)  # type: ignore[union-attr]
-        address = pa.py_buffer(self.mapping).address
-        return any(
-            buf is not None and not (address <= buf.address < address + len(self.mapping))
-            for column in batch.columns for buf in column.buffers()
-        )
+        return None in self._buffer_ends(self.file_reader.get_batch(0))  # type: ignore[union-attr]
 
     def _batches(self) -> Iterator[pa.RecordBatch]:
         if self.file_reader is not None:
