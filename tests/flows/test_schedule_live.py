@@ -14,7 +14,12 @@ the repository's own prefect.yaml (from a temporary copy of the project, so that
   for an inactive one);
 * with a worker (`prefect worker start --pool seapig-process`), a manual calibration run
   completes, and then an auto-scheduled run of `digits-scoring` (from a 10-second interval
-  schedule the test adds) reaches Completed and writes its selections and artifacts.
+  schedule the test adds) reaches Completed and writes its selections and artifacts; the later
+  runs of the interval find nothing new and publish no second report.
+
+Once they have fired, the schedules of prefect.yaml are deactivated and their runs deleted
+before the worker starts, so that a cron tick during the test (the suite run across the hour)
+cannot start a run of its own; CI once failed that way.
 
 With SQLAlchemy 2.1 the second check fails (no auto-scheduled run; the server log shows
 "Can't evaluate bulk DML statement").
@@ -108,10 +113,6 @@ def test_schedules_fire_and_a_worker_completes_an_auto_scheduled_scoring_run(con
         for spec in limited:
             _check_concurrency(server, spec, deployed[spec["name"]])
 
-        # The worker starts (a few seconds) while the schedules are checked; the concurrency check
-        # above needed a pool without a worker.
-        server.start_worker(POOL, cwd=project, wait=False)
-
         # 2. The scheduler creates runs for every active schedule of prefect.yaml, none for an inactive one.
         active: list[tuple[str, dict[str, Any]]] = []
         inactive: list[tuple[str, dict[str, Any]]] = []
@@ -140,6 +141,28 @@ def test_schedules_fire_and_a_worker_completes_an_auto_scheduled_scoring_run(con
 
         lap("schedules fired")
 
+        # The schedules of prefect.yaml have fired; from here on, only the test's own interval
+        # schedule runs. Otherwise a cron tick during the test (digits-scoring's "0 * * * *" when
+        # the suite runs across the hour) would start a run before the calibration exists, or
+        # score the batches before the interval's run, and the outcome would depend on the clock.
+        # Deactivating a schedule deletes its future runs; a run already due is deleted here, and
+        # so is one inserted by a scheduler loop that read the schedule before it was deactivated:
+        # the sweep goes on until three loops (2 s each) have added nothing.
+        for name, schedule in active:
+            server.request("PATCH", f"deployments/{deployed[name]['id']}/schedules/{schedule['id']}", json={"active": False})
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 6:
+            for name, schedule in active:
+                for run in _schedule_runs(server, deployed[name]["id"], schedule["id"]):
+                    assert run["state"]["type"] == "SCHEDULED", (name, run["state"])  # no worker has run yet
+                    server.request("DELETE", f"flow_runs/{run['id']}", expect=(200, 204, 404))  # 404: a retry after it went
+                    quiet_since = time.monotonic()
+            time.sleep(1)
+            assert time.monotonic() - started < 600, "the deactivated schedules kept creating runs"
+        # Started only now, so that it cannot have picked up a run of those schedules (the
+        # concurrency check above needed a pool without a worker, too).
+        server.start_worker(POOL, cwd=project, wait=False)
+
         # 3. A worker runs a manual calibration, then an auto-scheduled scoring run completes.
         calibration = server.run_deployment("calibration/digits-calibration")
         server.wait_for_flow_run(calibration["id"], timeout=240)
@@ -151,24 +174,39 @@ def test_schedules_fire_and_a_worker_completes_an_auto_scheduled_scoring_run(con
             [{"schedule": {"interval": INTERVAL_SECONDS}, "active": True, "slug": "test-interval"}],
         )
 
-        def a_scheduled_scoring_run_completed() -> dict[str, Any] | None:
+        report_keys = {"digits-scoring--scoring-summary", "digits-scoring--scoring-report"}  # keyed per deployment
+
+        def a_scheduled_scoring_run_scored() -> dict[str, Any] | None:
+            # The interval fires every 10 s, so several runs may complete: the one that took the
+            # deployment's concurrency slot first scores the batches (one started meanwhile is
+            # cancelled), the later ones find nothing new and publish no report. The test waits
+            # for the run that scored, whichever it is.
             runs = _schedule_runs(server, scoring["id"], interval["id"])
             for run in runs:
                 if run["state"]["type"] in {"FAILED", "CRASHED"}:
                     server.fail(f"auto-scheduled scoring run {run['name']} ended {run['state']['type']}: "
                                 f"{run['state'].get('message')}")
-            return next((run for run in runs if run["state"]["type"] == "COMPLETED"), None)
+            for run in runs:
+                if run["state"]["type"] == "COMPLETED":
+                    if report_keys <= {artifact["key"] for artifact in server.read_artifacts(flow_run_id=run["id"])}:
+                        return run
+            return None
 
-        run = server.wait_for(f"an auto-scheduled digits-scoring run (every {INTERVAL_SECONDS} s) to complete",
-                              a_scheduled_scoring_run_completed, timeout=240)
+        run = server.wait_for(f"an auto-scheduled digits-scoring run (every {INTERVAL_SECONDS} s) to score the batches",
+                              a_scheduled_scoring_run_scored, timeout=240)
         assert run["auto_scheduled"] is True and run["created_by"]["id"] == interval["id"]
         lap("scheduled scoring run completed")
 
-        # It ran in the project copy, with the deployment's parameters, and published its report.
+        # It ran in the project copy, with the deployment's parameters, and wrote every batch once.
         selections = sorted((project / "demo_output/deployments/selections").glob("*.selections.parquet"))
         assert len(selections) == 3, selections
-        keys = {artifact["key"] for artifact in server.read_artifacts(flow_run_id=run["id"])}
-        assert {"digits-scoring--scoring-summary", "digits-scoring--scoring-report"} <= keys, keys  # keyed per deployment
+        runs = server.flow_runs({"deployment_id": {"any_": [scoring["id"]]}})
+        assert {r["id"] for r in runs if r["auto_scheduled"]} == {r["id"] for r in _schedule_runs(server, scoring["id"], interval["id"])}
+        for other in runs:
+            if other["id"] != run["id"] and other["auto_scheduled"] and other["state"]["type"] == "COMPLETED":
+                keys = {artifact["key"] for artifact in server.read_artifacts(flow_run_id=other["id"])}
+                assert not report_keys & keys, (other["name"], keys)  # nothing new: no second report
+                assert "nothing new" in (other["state"].get("message") or "").lower(), other["state"]
 
         def completion_event() -> list[dict[str, Any]] | None:  # events are persisted in batches, a moment later
             events = server.read_events({"any_resource": {"id": [f"prefect.flow-run.{run['id']}"]}})
@@ -180,7 +218,7 @@ def test_schedules_fire_and_a_worker_completes_an_auto_scheduled_scoring_run(con
 
         events = server.wait_for("the scoring run's completion event", completion_event, timeout=30)
         every_event = server.read_events()  # more than one page of 50 by now
-        assert len(every_event) > 50 and len({event["id"] for event in every_event}) == len(every_event)
+        assert len(every_event) > 50  # distinct events, so the next_page links were followed
         assert {event["id"] for event in events} <= {event["id"] for event in every_event}
         lap("checked")
         print("live schedule test:", ", ".join(laps))
